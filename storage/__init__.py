@@ -1,0 +1,27 @@
+"""The tokenlabel store: image manifests and dense token labels in Zarr v3 (format v1)."""
+
+from storage.dataset import Dataset
+from storage.errors import DatasetChangedError, LabelSetMismatchError, StoreError
+from storage.labelset import LabelBlock, LabelSet, LabelSetConfig, TeacherSpec, class_dtype
+from storage.manifest import IMAGE_SUFFIXES, Manifest, scan_image_folder
+from storage.status import ImageStatus
+from storage.store import FORMAT, FORMAT_VERSION, Store
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "IMAGE_SUFFIXES",
+    "Dataset",
+    "DatasetChangedError",
+    "ImageStatus",
+    "LabelBlock",
+    "LabelSet",
+    "LabelSetConfig",
+    "LabelSetMismatchError",
+    "Manifest",
+    "Store",
+    "StoreError",
+    "TeacherSpec",
+    "class_dtype",
+    "scan_image_folder",
+]

@@ -1,0 +1,296 @@
+"""Label sets: dense top-K teacher labels for every image of one dataset.
+
+Every array has the image axis first and is split into shards of ``shard_size`` images along it;
+each shard of each array is one object in the store. A shard has exactly one writer at a time
+(whoever holds that shard's task), writes it whole in one call per array, and writes ``status``
+last: a shard whose status still reads -1 is not done, whatever else is on disk. So a crashed,
+repeated or concurrent writer can leave stale data behind but never a shard that looks finished
+and is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from storage.errors import LabelSetMismatchError, StoreError
+from storage.status import ImageStatus
+
+# fp16 logits compress best with bit shuffling; small integers compress best without shuffling.
+_FLOAT_CODECS = (BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),)
+_INT_CODECS = (ZstdCodec(level=5),)
+DEFAULT_SHARD_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything about the teacher and its input geometry that determines the labels."""
+
+    model: str
+    checkpoint_sha256: str | None
+    num_classes: int
+    input_size: int
+    class_names: tuple[str, ...] = ()
+    # How the whole image becomes the teacher's input: "squash" resizes the full image to
+    # input_size x input_size (no crop), so grid cell (i, j) covers the same fraction of the image
+    # whatever its aspect ratio. Imported TokenLabeling labels are "center_crop".
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_attrs(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TeacherSpec:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in attrs.items() if k in names})
+
+
+def class_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+
+
+@dataclass
+class LabelBlock:
+    """Labels of images ``start .. start + len(status)``, as numpy arrays (leading axis = image)."""
+
+    start: int
+    logits: np.ndarray  # float16 [n, K, H, W], descending along K
+    classes: np.ndarray  # int16/int32 [n, K, H, W]
+    lse: np.ndarray  # float32 [n, H, W], logsumexp over all classes
+    global_logits: np.ndarray  # float32 [n, K]
+    global_classes: np.ndarray  # int16/int32 [n, K]
+    status: np.ndarray  # int8 [n], see ImageStatus
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self)
+
+
+ARRAY_NAMES = ("logits", "classes", "lse", "global_logits", "global_classes", "status")
+
+
+@dataclass(frozen=True)
+class LabelSetConfig:
+    """What a label set is: the teacher, top-K and the label grid, for one dataset."""
+
+    teacher: TeacherSpec
+    topk: int
+    grid: tuple[int, int]
+    dataset_fingerprint: str
+    shard_size: int = DEFAULT_SHARD_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def labelset_id(self, dataset_name: str) -> str:
+        """Deterministic id: the same dataset, teacher and top-K always map to the same label set.
+
+        Storage layout (shard and chunk sizes) is deliberately left out: it changes no label.
+        """
+        key = json.dumps(
+            {"dataset": dataset_name, "fingerprint": self.dataset_fingerprint,
+             "teacher": self.teacher.to_attrs(), "topk": self.topk, "grid": list(self.grid)},
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        model = self.teacher.model.replace("/", "_")
+        return f"{model}-{self.teacher.input_size}px-top{self.topk}-{digest}"
+
+
+class LabelSet:
+    """One label set in a store: ``datasets/<dataset>/labels/<id>/``."""
+
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        attrs = group.attrs.asdict()
+        if attrs.get("kind") != "labelset":
+            raise StoreError(f"{group.path} is not a tokenlabel label set")
+        self.attrs = attrs
+        self.id: str = attrs["id"]
+        self.dataset: str = attrs["dataset"]
+        self.teacher = TeacherSpec.from_attrs(attrs["teacher"])
+        self.topk: int = attrs["topk"]
+        self.grid: tuple[int, int] = tuple(attrs["grid"])
+        self.num_images: int = attrs["num_images"]
+        self.shard_size: int = attrs["shard_size"]
+        self.dataset_fingerprint: str = attrs["dataset_fingerprint"]
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # -- creation ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, parent: zarr.Group, dataset_name: str, num_images: int,
+               config: LabelSetConfig, code_version: str) -> LabelSet:
+        """Create the label set, or open it when one with the same configuration exists.
+
+        Safe to call from many processes at once: they all compute the same id and arrays, and
+        the group attributes, written last, are what makes the label set visible.
+        """
+        if config.shard_size % config.chunk_size:
+            raise ValueError(f"shard_size {config.shard_size} must be a multiple of "
+                             f"chunk_size {config.chunk_size}")
+        if not 1 <= config.topk <= config.teacher.num_classes:
+            raise ValueError(f"topk must be in [1, {config.teacher.num_classes}], got {config.topk}")
+        labelset_id = config.labelset_id(dataset_name)
+        n, k, (h, w) = num_images, config.topk, config.grid
+        attrs = {
+            "kind": "labelset",
+            "id": labelset_id,
+            "dataset": dataset_name,
+            "teacher": config.teacher.to_attrs(),
+            "topk": k,
+            "grid": [h, w],
+            "num_images": n,
+            "shard_size": config.shard_size,
+            "chunk_size": config.chunk_size,
+            "dataset_fingerprint": config.dataset_fingerprint,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "code_version": code_version,
+            **config.extra,
+        }
+        # Group metadata and attributes go in one write. Concurrent creators write the same
+        # document (up to created_at), and arrays are never overwritten: no data can be lost.
+        try:
+            group = parent.create_group(labelset_id, attributes=attrs)
+        except ContainsGroupError:
+            group = parent[labelset_id]
+            if group.attrs.get("kind") != "labelset":  # an older, unfinished creation
+                group.attrs.update(attrs)
+        labelset = cls(group)
+        labelset.check_config(config)
+
+        cdt = class_dtype(config.teacher.num_classes)
+        shard = labelset.shard_size
+        chunk = labelset.attrs["chunk_size"]
+        specs = {
+            "logits": ((n, k, h, w), np.float16, np.nan, _FLOAT_CODECS),
+            "classes": ((n, k, h, w), cdt, -1, _INT_CODECS),
+            "lse": ((n, h, w), np.float32, np.nan, _FLOAT_CODECS),
+            "global_logits": ((n, k), np.float32, np.nan, _FLOAT_CODECS),
+            "global_classes": ((n, k), cdt, -1, _INT_CODECS),
+            "status": ((n,), np.int8, int(ImageStatus.PENDING), _INT_CODECS),
+        }
+        for name, (shape, dtype, fill, codecs) in specs.items():
+            per_image = shape[1:]
+            dense = len(per_image) > 1
+            # Dense maps are sharded: one object per shard, inner chunks for block reads. The
+            # small per-image arrays need no inner chunks: one plain chunk per shard.
+            try:
+                group.create_array(
+                    name, shape=shape, dtype=dtype, fill_value=fill, compressors=codecs,
+                    chunks=(chunk if dense else shard, *per_image),
+                    shards=(shard, *per_image) if dense else None,
+                )
+            except ContainsArrayError:
+                existing = group[name]
+                if existing.shape != shape or existing.dtype != np.dtype(dtype):
+                    raise LabelSetMismatchError(
+                        f"label set {labelset_id}: array {name} exists with shape "
+                        f"{existing.shape} {existing.dtype}, expected {shape} {np.dtype(dtype)}"
+                    ) from None
+        return labelset
+
+    def check_config(self, config: LabelSetConfig) -> None:
+        if (self.teacher != config.teacher or self.topk != config.topk
+                or self.grid != tuple(config.grid)
+                or self.dataset_fingerprint != config.dataset_fingerprint):
+            raise LabelSetMismatchError(
+                f"label set {self.id} exists with a different configuration; refusing to mix labels"
+            )
+
+    # -- geometry ---------------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard {index} out of range [0, {self.num_shards})")
+        start = index * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> np.ndarray:
+        return self.array("status")[:]
+
+    def pending_shards(self, status: np.ndarray | None = None) -> list[int]:
+        """Shards not yet written (any image still at -1)."""
+        status = self.status() if status is None else status
+        return [i for i in range(self.num_shards)
+                if (status[slice(*self.shard_range(i))] == ImageStatus.PENDING).any()]
+
+    def is_complete(self) -> bool:
+        return not self.pending_shards()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def empty_block(self, index: int) -> LabelBlock:
+        """A block covering shard ``index``, filled with the "not labeled" fill values."""
+        start, stop = self.shard_range(index)
+        n, k, (h, w) = stop - start, self.topk, self.grid
+        cdt = class_dtype(self.teacher.num_classes)
+        return LabelBlock(
+            start=start,
+            logits=np.full((n, k, h, w), np.nan, np.float16),
+            classes=np.full((n, k, h, w), -1, cdt),
+            lse=np.full((n, h, w), np.nan, np.float32),
+            global_logits=np.full((n, k), np.nan, np.float32),
+            global_classes=np.full((n, k), -1, cdt),
+            status=np.full((n,), ImageStatus.PENDING, np.int8),
+        )
+
+    def write_shard(self, index: int, block: LabelBlock) -> None:
+        """Write one whole shard; its status goes last, marking it done."""
+        start, stop = self.shard_range(index)
+        if (block.start, block.stop) != (start, stop):
+            raise LabelSetMismatchError(
+                f"block covers images [{block.start}, {block.stop}) but shard {index} is "
+                f"[{start}, {stop})"
+            )
+        if (block.status == ImageStatus.PENDING).any():
+            raise LabelSetMismatchError(f"shard {index} still has images with status -1")
+        for name in ARRAY_NAMES:  # status is last in ARRAY_NAMES
+            arr = self.array(name)
+            data = getattr(block, name)
+            if data.shape != (stop - start, *arr.shape[1:]):
+                raise LabelSetMismatchError(
+                    f"{name}: expected shape {(stop - start, *arr.shape[1:])}, got {data.shape}")
+            arr[start:stop] = data.astype(arr.dtype, copy=False)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_block(self, start: int, stop: int) -> LabelBlock:
+        """Labels of images [start, stop) in one read per array (use whole shards for streaming)."""
+        if not 0 <= start <= stop <= self.num_images:
+            raise IndexError(f"[{start}, {stop}) is outside [0, {self.num_images})")
+        return LabelBlock(start=start, **{name: self.array(name)[start:stop]
+                                          for name in ARRAY_NAMES})
+
+    def read_shard(self, index: int) -> LabelBlock:
+        return self.read_block(*self.shard_range(index))
+
+    def read_image(self, index: int) -> LabelBlock:
+        return self.read_block(index, index + 1)

@@ -1,0 +1,127 @@
+"""Image manifests: the list of images a dataset is made of, one row per image.
+
+A manifest is built by walking a directory. Its fingerprint (sha256 over a canonical encoding of
+every row and the class names) identifies the dataset's contents: label sets record it, so labels
+can never be silently matched with a different set of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Lower-cased suffixes that are listed as images. Files with these suffixes that turn out not to be
+# images are still listed: they get a failure status when labeled rather than vanishing silently.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+     ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Columns of a dataset's manifest. ``label`` is the class index (stored as ``class``)."""
+
+    path: np.ndarray  # str, relative to the dataset's source root, '/'-separated
+    sha256: np.ndarray  # str, hex digest of the file's bytes
+    width: np.ndarray  # int32, after EXIF orientation; -1 when unreadable
+    height: np.ndarray  # int32, after EXIF orientation; -1 when unreadable
+    label: np.ndarray  # int32 class index; -1 when unknown
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(("\x1f".join(self.class_names) + "\x1e").encode())
+        for row in zip(self.path, self.sha256, self.width, self.height, self.label, strict=True):
+            digest.update(("\x1f".join(str(v) for v in row) + "\x1e").encode())
+        return digest.hexdigest()
+
+    def diff(self, other: Manifest) -> str:
+        """A one-line account of how ``other`` differs from this manifest."""
+        mine = dict(zip(self.path, self.sha256, strict=True))
+        theirs = dict(zip(other.path, other.sha256, strict=True))
+        added = len(theirs.keys() - mine.keys())
+        removed = len(mine.keys() - theirs.keys())
+        modified = sum(1 for p in mine.keys() & theirs.keys() if mine[p] != theirs[p])
+        parts = [f"{added} added", f"{removed} removed", f"{modified} modified"]
+        if self.class_names != other.class_names:
+            parts.append("class list changed")
+        return ", ".join(parts)
+
+
+def is_image_path(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def list_image_files(root: Path) -> list[str]:
+    """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if is_image_path(name) and not name.startswith("."):
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def probe_image(path: Path) -> tuple[str, int, int]:
+    """sha256 of the file and its (width, height) after EXIF orientation; -1 sizes if unreadable."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb and EXIF warnings: sizes come from the header
+            with Image.open(path) as img:
+                width, height = img.size
+                if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+                    width, height = height, width
+    except Exception:  # noqa: BLE001 - any failure to parse the header means "unreadable"
+        width = height = -1
+    return digest, width, height
+
+
+def scan_image_folder(root: Path, max_workers: int = 8) -> Manifest:
+    """Build the manifest of every image under ``root``.
+
+    When every image sits below a first-level directory (the torchvision ImageFolder layout), the
+    sorted first-level directory names are the class names and give each image its class.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    paths = list_image_files(root)
+    # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        probes = list(pool.map(lambda p: probe_image(root / p), paths, chunksize=64))
+
+    top_dirs = [p.split("/", 1)[0] if "/" in p else None for p in paths]
+    if paths and all(top_dirs):
+        class_names = tuple(sorted(set(top_dirs)))
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[d] for d in top_dirs]
+    else:
+        class_names = ()
+        labels = [-1] * len(paths)
+
+    return Manifest(
+        path=np.array(paths, dtype=str) if paths else np.array([], dtype=str),
+        sha256=np.array([p[0] for p in probes], dtype=str) if paths else np.array([], dtype=str),
+        width=np.array([p[1] for p in probes], dtype=np.int32),
+        height=np.array([p[2] for p in probes], dtype=np.int32),
+        label=np.array(labels, dtype=np.int32),
+        class_names=class_names,
+    )

@@ -1,0 +1,114 @@
+"""The store: a Zarr v3 group at a local path or an fsspec URL. See docs/store-format.md."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import zarr
+
+from storage.dataset import Dataset
+from storage.errors import DatasetChangedError, StoreError
+from storage.labelset import LabelSet
+from storage.manifest import Manifest, scan_image_folder
+
+FORMAT = "tokenlabel-store"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def code_version() -> str:
+    try:
+        return version("tokenlabel")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-', "
+                         "starting with a letter or digit, at most 128 characters")
+    return name
+
+
+def _open_root(location: str, mode: str) -> zarr.Group:
+    if "://" in location:
+        options = {"auto_mkdir": True} if location.startswith("file://") else {}
+        if mode == "r":
+            options = {}
+        return zarr.open_group(location, mode=mode, zarr_format=3, storage_options=options)
+    return zarr.open_group(location, mode=mode, zarr_format=3)
+
+
+class Store:
+    """A tokenlabel store. ``Store.open(location)`` creates it when missing (unless ``mode="r"``)."""
+
+    def __init__(self, root: zarr.Group, location: str):
+        self.root = root
+        self.location = location
+        self.code_version = code_version()
+
+    @classmethod
+    def open(cls, location: str | Path, mode: str = "a") -> Store:
+        location = str(location)
+        try:
+            root = _open_root(location, mode)
+        except FileNotFoundError:
+            raise StoreError(f"no store at {location}") from None
+        attrs = root.attrs.asdict()
+        if not attrs and mode != "r" and not list(root.keys()):
+            root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+            root.require_group("datasets")
+        elif attrs.get("format") != FORMAT:
+            raise StoreError(f"{location} is not a tokenlabel store (root attrs: {attrs})")
+        elif attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{location} has store format version {attrs.get('format_version')}; "
+                             f"this code reads version {FORMAT_VERSION}")
+        return cls(root, location)
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def dataset_names(self) -> list[str]:
+        return sorted(self.root["datasets"].group_keys())
+
+    def dataset(self, name: str) -> Dataset:
+        datasets = self.root["datasets"]
+        if name not in datasets.group_keys():
+            raise KeyError(f"no dataset {name!r} in store {self.location}")
+        return Dataset(datasets[name], self.code_version)
+
+    def add_dataset(self, name: str, directory: str | Path,
+                    manifest: Manifest | None = None) -> tuple[Dataset, bool]:
+        """Register the images under ``directory`` as dataset ``name``.
+
+        Returns (dataset, created). Registering an unchanged directory again is a no-op; a
+        directory whose contents changed is refused, so labels never mix two sets of images.
+        """
+        check_name(name)
+        directory = Path(directory).resolve()
+        manifest = scan_image_folder(directory) if manifest is None else manifest
+        datasets = self.root["datasets"]
+        if name in datasets.group_keys():
+            group = datasets[name]
+            if "fingerprint" in group.attrs:
+                existing = Dataset(group, self.code_version)
+                if existing.fingerprint == manifest.fingerprint():
+                    return existing, False
+                raise DatasetChangedError(
+                    f"dataset {name!r} is already registered and {directory} has changed since "
+                    f"({existing.manifest().diff(manifest)}); labels would no longer match the "
+                    f"images. Register the new contents under another name."
+                )
+        group = datasets.require_group(name)
+        return Dataset.write(group, name, manifest, str(directory), self.code_version), True
+
+    # -- label sets -------------------------------------------------------------------------
+
+    def labelset(self, labelset_id: str) -> LabelSet:
+        """Find a label set by id (ids are unique in a store)."""
+        for name in self.dataset_names():
+            labels = self.root["datasets"][name]["labels"]
+            if labelset_id in labels.group_keys():
+                return LabelSet(labels[labelset_id])
+        raise KeyError(f"no label set {labelset_id!r} in store {self.location}")
