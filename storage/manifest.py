@@ -89,7 +89,7 @@ def probe_image(path: Path) -> tuple[str, int, int]:
                 width, height = img.size
                 if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
                     width, height = height, width
-    except Exception:  # noqa: BLE001 - any failure to parse the header means "unreadable"
+    except Exception:
         width = height = -1
     return digest, width, height
 

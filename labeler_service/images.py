@@ -1,0 +1,90 @@
+"""Decoding images for the teacher: any file a user may have, to an RGB uint8 array, or a status.
+
+Every way an image can fail maps to an ``ImageStatus`` with a reason, so one bad file costs one
+image, never the job. Valid but unusual images (grayscale, CMYK, RGBA, 16-bit, palette, animated,
+EXIF-rotated, extreme aspect ratios) all become RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from storage import ImageStatus
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default bomb limit: about 13k x 13k
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as browsers do
+
+
+class ImageRejected(Exception):
+    def __init__(self, status: ImageStatus, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def read_image_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageRejected(ImageStatus.MISSING_FILE, f"{path}: file not found") from None
+    except OSError as e:
+        raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e}") from None
+    if not data:
+        raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ImageRejected(ImageStatus.CHANGED_FILE,
+                            f"{path}: contents differ from the registered manifest")
+    return data
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, scaling high bit depths rather than clipping them."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, size: int, interpolation: str = "bicubic",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
+    """Decode, orient, convert to RGB and resize the whole image to size x size (no crop).
+
+    Returns uint8 [size, size, 3]. Raises ImageRejected for anything that is not a usable image.
+    """
+    try:
+        with warnings.catch_warnings():
+            # We apply our own pixel limit below; Pillow's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageRejected(ImageStatus.TOO_MANY_PIXELS,
+                                    f"{name}: {width}x{height} is over the {max_pixels} pixel limit")
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps both sides >= size.
+            img.draft("RGB", (size, size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+            img = img.resize((size, size), resample=_RESAMPLE[interpolation])
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(ImageStatus.TOO_MANY_PIXELS, f"{name}: {e}") from None
+    except Exception as e:
+        raise ImageRejected(ImageStatus.UNREADABLE, f"{name}: {type(e).__name__}: {e}") from None
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,263 @@
+"""Labeling a dataset: decode images in parallel workers, run the teacher in batches, write shards.
+
+Batches never cross a shard boundary and are the same for every run, so a shard's labels do not
+depend on which other shards a run happens to process (a resumed run equals a clean one), and a
+shard is written as soon as its last batch is done, by a background thread, while the teacher
+goes on with the next batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from labeler_service.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, read_image_bytes
+from labeler_service.teacher import DenseTeacher, build_teacher
+from storage import Dataset as StoreDataset
+from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store
+from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
+
+
+class ClassCountMismatch(ValueError):
+    """The teacher's classes and the dataset's classes cannot be the same label space."""
+
+
+@dataclass
+class LabelingOptions:
+    batch_size: int = 32
+    num_workers: int = 4
+    device: str = "cpu"
+    amp: bool = True  # autocast (bf16) on CUDA; ignored on CPU
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shard_size: int = DEFAULT_SHARD_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    progress: bool = True
+
+
+@dataclass
+class LabelingReport:
+    labelset_id: str
+    shards_total: int
+    shards_written: int = 0
+    shards_skipped: int = 0
+    images_labeled: int = 0
+    images_failed: Counter = field(default_factory=Counter)  # ImageStatus -> count
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
+    seconds: float = 0.0
+    stopped: bool = False
+
+    @property
+    def images_done(self) -> int:
+        return self.images_labeled + sum(self.images_failed.values())
+
+
+class ImageFileDataset(Dataset):
+    """Decodes manifest image i into uint8 [S, S, 3]; failures come back as a status and reason.
+
+    Holds paths and hashes only (cheap to send to DataLoader workers), never open zarr arrays.
+    """
+
+    def __init__(self, root: Path, paths: Sequence[str], sha256: Sequence[str], size: int,
+                 interpolation: str, max_pixels: int):
+        self.root, self.paths, self.sha256 = Path(root), paths, sha256
+        self.size, self.interpolation, self.max_pixels = size, interpolation, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray, int, str]:
+        path = self.root / self.paths[index]
+        try:
+            data = read_image_bytes(path, self.sha256[index])
+            pixels = decode_image(data, self.size, self.interpolation, self.max_pixels,
+                                  name=self.paths[index])
+            return index, pixels, int(ImageStatus.LABELED), ""
+        except ImageRejected as e:
+            return index, np.zeros((self.size, self.size, 3), np.uint8), int(e.status), e.reason
+
+
+@dataclass
+class DecodedBatch:
+    indices: np.ndarray  # int64 [B] manifest indices
+    pixels: torch.Tensor  # uint8 [B, S, S, 3]
+    status: np.ndarray  # int8 [B]
+    reasons: list[str]
+
+    def pin_memory(self) -> DecodedBatch:
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[tuple[int, np.ndarray, int, str]]) -> DecodedBatch:
+    indices, pixels, status, reasons = zip(*items, strict=True)
+    return DecodedBatch(np.asarray(indices, np.int64), torch.from_numpy(np.stack(pixels)),
+                        np.asarray(status, np.int8), list(reasons))
+
+
+def shard_batches(labelset: LabelSet, shards: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches of at most ``batch_size``, each inside one shard, in shard order."""
+    batches = []
+    for shard in shards:
+        start, stop = labelset.shard_range(shard)
+        batches += [list(range(i, min(i + batch_size, stop))) for i in range(start, stop,
+                                                                            batch_size)]
+    return batches
+
+
+class TeacherRunner:
+    """Normalises uint8 batches on the device and runs the teacher under autocast."""
+
+    def __init__(self, teacher: DenseTeacher, mean: Sequence[float], std: Sequence[float],
+                 topk: int, device: torch.device, amp: bool):
+        self.teacher, self.topk, self.device = teacher, topk, device
+        self.cuda = device.type == "cuda"
+        self.amp = amp and self.cuda
+        if self.cuda:
+            teacher.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor):
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) / self.std).contiguous(
+            memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            return self.teacher.summarise(x, self.topk)
+
+
+def iterate_batches(dataset: ImageFileDataset, batches: list[list[int]], num_workers: int,
+                    pin_memory: bool) -> Iterator[DecodedBatch]:
+    if not batches:
+        return iter(())
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=collate, pin_memory=pin_memory,
+                        prefetch_factor=4 if num_workers else None)
+    return iter(loader)
+
+
+def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunner,
+                 shards: Sequence[int], options: LabelingOptions,
+                 should_stop: Callable[[], bool] | None = None,
+                 on_shard_done: Callable[[int, LabelBlock], None] | None = None,
+                 report: LabelingReport | None = None) -> LabelingReport:
+    """Label the given shards of ``labelset`` and write each one whole."""
+    report = report or LabelingReport(labelset.id, labelset.num_shards)
+    manifest = dataset.manifest()
+    images = ImageFileDataset(Path(dataset.source_root), manifest.path, manifest.sha256,
+                              labelset.teacher.input_size, labelset.teacher.interpolation,
+                              options.max_pixels)
+    batches = shard_batches(labelset, shards, options.batch_size)
+    total = sum(stop - start for start, stop in map(labelset.shard_range, shards))
+    started = time.perf_counter()
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: list[Future] = []
+    block: LabelBlock | None = None
+    filled = 0
+
+    def finish(shard: int, done: LabelBlock) -> None:
+        labelset.write_shard(shard, done)
+        if on_shard_done is not None:
+            on_shard_done(shard, done)
+
+    bar = tqdm(total=total, unit="img", disable=not options.progress, dynamic_ncols=True,
+               desc=labelset.id)
+    try:
+        for batch in iterate_batches(images, batches, options.num_workers, runner.cuda):
+            shard = int(batch.indices[0]) // labelset.shard_size
+            if block is None or block.start != labelset.shard_range(shard)[0]:
+                block, filled = labelset.empty_block(shard), 0
+            rows = batch.indices - block.start
+            ok = batch.status == ImageStatus.LABELED
+            if ok.any():
+                out = runner(batch.pixels)
+                keep = torch.from_numpy(ok).to(out.logits.device)
+                rows_ok = rows[ok]
+                block.logits[rows_ok] = out.logits[keep].cpu().numpy().astype(np.float16)
+                block.classes[rows_ok] = out.classes[keep].cpu().numpy()
+                block.lse[rows_ok] = out.lse[keep].cpu().numpy()
+                block.global_logits[rows_ok] = out.global_logits[keep].cpu().numpy()
+                block.global_classes[rows_ok] = out.global_classes[keep].cpu().numpy()
+            block.status[rows] = batch.status
+            filled += len(rows)
+
+            report.images_labeled += int(ok.sum())
+            for i in np.flatnonzero(~ok):
+                report.images_failed[ImageStatus(int(batch.status[i]))] += 1
+                if len(report.failures) < 100:
+                    report.failures.append((str(manifest.path[batch.indices[i]]),
+                                            batch.reasons[i]))
+            bar.update(len(rows))
+
+            if filled == len(block):
+                for f in [f for f in pending if f.done()]:
+                    pending.remove(f)
+                    f.result()
+                pending.append(writer.submit(finish, shard, block))
+                report.shards_written += 1
+                block = None
+                if should_stop is not None and should_stop():
+                    report.stopped = True
+                    break
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)
+    for f in pending:
+        f.result()  # re-raise a failed write
+    report.seconds += time.perf_counter() - started
+    return report
+
+
+def check_class_space(dataset: StoreDataset, num_classes: int) -> None:
+    if dataset.class_names and len(dataset.class_names) != num_classes:
+        raise ClassCountMismatch(
+            f"dataset {dataset.name!r} has {len(dataset.class_names)} classes (its image folders) "
+            f"but the teacher has {num_classes} outputs, so its labels would be in another label "
+            f"space than the dataset's classes. Use a teacher trained on these "
+            f"{len(dataset.class_names)} classes, or pass --ignore-dataset-classes if the "
+            "teacher's classes are what you want.")
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """'i/n' -> (i, n): this process takes shards s with s % n == i."""
+    try:
+        i, n = (int(v) for v in part.split("/"))
+    except ValueError:
+        raise ValueError(f"--part must look like i/n, got {part!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--part {part}: need 0 <= i < n")
+    return i, n
+
+
+def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path | None,
+                  input_size: int, topk: int, options: LabelingOptions,
+                  part: tuple[int, int] = (0, 1), ignore_dataset_classes: bool = False,
+                  class_names: tuple[str, ...] | None = None) -> LabelingReport:
+    """The whole job in one process: create (or reopen) the label set and label what is missing."""
+    dataset = store.dataset(dataset_name)
+    device = torch.device(options.device)
+    teacher, spec, grid = build_teacher(model, checkpoint, input_size, device, class_names)
+    if not ignore_dataset_classes:
+        check_class_space(dataset, spec.num_classes)
+    labelset = dataset.create_labelset(LabelSetConfig(
+        teacher=spec, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
+        shard_size=options.shard_size, chunk_size=options.chunk_size))
+    index, count = part
+    todo = [s for s in labelset.pending_shards() if s % count == index]
+    mine = [s for s in range(labelset.num_shards) if s % count == index]
+    report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
+    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, options.amp)
+    return label_shards(labelset, dataset, runner, todo, options, report=report)
