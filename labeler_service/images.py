@@ -73,8 +73,9 @@ def decode_image(data: bytes, size: int, interpolation: str = "bicubic",
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageRejected(ImageStatus.TOO_MANY_PIXELS,
-                                    f"{name}: {width}x{height} is over the {max_pixels} pixel limit")
+                raise ImageRejected(
+                    ImageStatus.TOO_MANY_PIXELS,
+                    f"{name}: {width}x{height} is over the {max_pixels} pixel limit")
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps both sides >= size.
             img.draft("RGB", (size, size))
             img.load()

@@ -26,8 +26,8 @@ class Dataset:
         self.group = group
         self.attrs: dict[str, Any] = group.attrs.asdict()
         if "fingerprint" not in self.attrs:
-            raise StoreError(f"dataset at {group.path} is incomplete (registration did not finish); "
-                             "register it again")
+            raise StoreError(f"dataset at {group.path} is incomplete (its registration did not "
+                             "finish); register it again")
         self.name: str = self.attrs["name"]
         self.num_images: int = self.attrs["num_images"]
         self.fingerprint: str = self.attrs["fingerprint"]

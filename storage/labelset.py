@@ -146,7 +146,8 @@ class LabelSet:
             raise ValueError(f"shard_size {config.shard_size} must be a multiple of "
                              f"chunk_size {config.chunk_size}")
         if not 1 <= config.topk <= config.teacher.num_classes:
-            raise ValueError(f"topk must be in [1, {config.teacher.num_classes}], got {config.topk}")
+            raise ValueError(
+                f"topk must be in [1, {config.teacher.num_classes}], got {config.topk}")
         labelset_id = config.labelset_id(dataset_name)
         n, k, (h, w) = num_images, config.topk, config.grid
         attrs = {

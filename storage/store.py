@@ -42,7 +42,7 @@ def _open_root(location: str, mode: str) -> zarr.Group:
 
 
 class Store:
-    """A tokenlabel store. ``Store.open(location)`` creates it when missing (unless ``mode="r"``)."""
+    """A tokenlabel store; ``Store.open(location)`` creates it when missing (not in mode "r")."""
 
     def __init__(self, root: zarr.Group, location: str):
         self.root = root
