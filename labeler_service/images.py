@@ -49,7 +49,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, scaling high bit depths rather than clipping them."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else 255.0
+        if img.mode.startswith("I;16"):
+            # 16 bits by construction: guessing from the values would brighten a dark picture
+            # (all values <= 255) by 257x.
+            peak = 65535.0
+        elif img.mode == "I" and arr.max(initial=0) > 255:
+            peak = 65535.0  # 32-bit container (older Pillow opens 16-bit PNGs as "I"): guess
+        else:
+            peak = 255.0
         arr = np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (

@@ -2,12 +2,20 @@
 
 from storage.dataset import Dataset
 from storage.errors import DatasetChangedError, LabelSetMismatchError, StoreError
-from storage.labelset import LabelBlock, LabelSet, LabelSetConfig, TeacherSpec, class_dtype
+from storage.labelset import (
+    ARRAY_NAMES,
+    LabelBlock,
+    LabelSet,
+    LabelSetConfig,
+    TeacherSpec,
+    class_dtype,
+)
 from storage.manifest import IMAGE_SUFFIXES, Manifest, scan_image_folder
 from storage.status import ImageStatus
 from storage.store import FORMAT, FORMAT_VERSION, Store
 
 __all__ = [
+    "ARRAY_NAMES",
     "FORMAT",
     "FORMAT_VERSION",
     "IMAGE_SUFFIXES",

@@ -1,0 +1,3 @@
+from labeler_service.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""Labeling jobs: exact labels, resume, concurrent writers, a killed run, class-count checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from labeler_service.images import decode_image
+from labeler_service.labeling import ClassCountMismatch, LabelingOptions, label_dataset
+from labeler_service.sample import make_random_checkpoint, make_sample_images
+from labeler_service.teacher import build_teacher
+from storage import ARRAY_NAMES, ImageStatus, Store
+
+OPTIONS = LabelingOptions(batch_size=4, num_workers=0, progress=False, shard_size=4,
+                          chunk_size=2)
+
+
+def labels_of(store: Store, labelset_id: str) -> dict[str, np.ndarray]:
+    labelset = store.labelset(labelset_id)
+    block = labelset.read_block(0, labelset.num_images)
+    return {name: getattr(block, name) for name in ARRAY_NAMES}
+
+
+def assert_same_labels(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for name in ARRAY_NAMES:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def labeler(*args: str, store: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "labeler_service", *args, "--store", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_labels_equal_the_teacher_on_each_image(store: Store, images: Path, checkpoint: Path):
+    store.add_dataset("toy", images)
+    report = label_dataset(store, "toy", "test_nfnet", checkpoint, 96, 2, OPTIONS)
+    assert (report.images_labeled, report.shards_written, report.shards_skipped) == (18, 5, 0)
+    labels = labels_of(store, report.labelset_id)
+    assert (labels["status"] == ImageStatus.LABELED).all()
+
+    teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 96)
+    manifest = store.dataset("toy").manifest()
+    pixels = np.stack([decode_image((images / p).read_bytes(), 96) for p in manifest.path])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (spec.mean, spec.std))
+    expected = teacher.summarise((x - mean) / std, topk=2)
+    np.testing.assert_allclose(labels["logits"], expected.logits.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(labels["classes"], expected.classes.numpy())
+    np.testing.assert_allclose(labels["lse"], expected.lse.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(labels["global_logits"], expected.global_logits.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(labels["global_classes"], expected.global_classes.numpy())
+
+
+def test_rerun_skips_finished_shards_and_rewrites_nothing(
+        store: Store, images: Path, checkpoint: Path):
+    store.add_dataset("toy", images)
+    first = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2, OPTIONS)
+    files = {p: p.stat().st_mtime_ns for p in Path(store.location).rglob("*") if p.is_file()}
+    again = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2, OPTIONS)
+    assert again.labelset_id == first.labelset_id
+    assert (again.shards_written, again.shards_skipped, again.images_done) == (0, 5, 0)
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+
+
+@pytest.mark.slow
+def test_two_processes_on_disjoint_shards_lose_nothing(
+        tmp_path: Path, images: Path, checkpoint: Path):
+    clean, shared = tmp_path / "clean", tmp_path / "shared"
+    for location in (clean, shared):
+        Store.open(location).add_dataset("toy", images)
+    common = ["label", "toy", "--model", "test_nfnet", "--checkpoint", str(checkpoint),
+              "--input-size", "96", "--topk", "2", "--batch-size", "2", "--shard-size", "2",
+              "--chunk-size", "2", "--workers", "0", "--no-progress"]
+    procs = [labeler(*common, "--part", f"{i}/2", store=shared) for i in range(2)]
+    procs.append(labeler(*common, store=clean))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        outputs.append(out)
+    # 18 images in 9 shards: part 0/2 takes shards 0, 2, 4, 6, 8 and part 1/2 the other four.
+    assert "10 images labeled, 0 failed, 5 shards written" in outputs[0]
+    assert "8 images labeled, 0 failed, 4 shards written" in outputs[1]
+    clean_store, shared_store = Store.open(clean), Store.open(shared)
+    (labelset_id,) = shared_store.dataset("toy").labelset_ids()
+    assert shared_store.labelset(labelset_id).is_complete()
+    assert_same_labels(labels_of(shared_store, labelset_id), labels_of(clean_store, labelset_id))
+
+
+@pytest.mark.slow
+def test_killed_run_resumed_equals_clean_run(tmp_path: Path, checkpoint: Path):
+    images = make_sample_images(tmp_path / "images", per_class=12)  # 36 images, 18 shards
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for location in (killed, clean):
+        Store.open(location).add_dataset("toy", images)
+    args = ["label", "toy", "--model", "test_nfnet", "--checkpoint", str(checkpoint),
+            "--input-size", "256", "--topk", "2", "--batch-size", "1", "--shard-size", "2",
+            "--chunk-size", "2", "--workers", "0", "--no-progress"]
+
+    proc = labeler(*args, store=killed)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        status_files = list(killed.glob("datasets/toy/labels/*/status/c/*"))
+        if len(status_files) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    store = Store.open(killed)
+    (labelset_id,) = store.dataset("toy").labelset_ids()
+    assert 0 < len(store.labelset(labelset_id).pending_shards()) < 18
+
+    for location in (killed, clean):
+        proc = labeler(*args, store=location)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert store.labelset(labelset_id).is_complete()
+    assert_same_labels(labels_of(store, labelset_id), labels_of(Store.open(clean), labelset_id))
+
+
+def test_class_count_mismatch_is_refused(store: Store, images: Path, tmp_path: Path):
+    five = make_random_checkpoint(tmp_path / "five.safetensors", num_classes=5)
+    store.add_dataset("toy", images)
+    with pytest.raises(ClassCountMismatch, match=r"has 3 classes .* teacher has 5 outputs"):
+        label_dataset(store, "toy", "test_nfnet", five, 64, 2, OPTIONS)
+    assert store.dataset("toy").labelset_ids() == []  # nothing was created
+    report = label_dataset(store, "toy", "test_nfnet", five, 64, 2, OPTIONS,
+                           ignore_dataset_classes=True)
+    assert report.images_labeled == 18
+
+
+def test_topk_larger_than_classes_is_refused(store: Store, images: Path, checkpoint: Path):
+    store.add_dataset("toy", images)
+    with pytest.raises(ValueError, match=r"topk must be in \[1, 3\]"):
+        label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 5, OPTIONS)
+
+
+def test_should_stop_ends_between_shards(store: Store, images: Path, checkpoint: Path):
+    from labeler_service.labeling import TeacherRunner, label_shards
+
+    dataset, _ = store.add_dataset("toy", images)
+    report = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2, OPTIONS, part=(0, 5))
+    labelset = dataset.labelset(report.labelset_id)
+    assert labelset.pending_shards() == [1, 2, 3, 4]
+    teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), amp=False)
+    stopped = label_shards(labelset, dataset, runner, [1, 2, 3, 4], OPTIONS,
+                           should_stop=lambda: True)
+    assert stopped.stopped and stopped.shards_written == 1
+    assert labelset.pending_shards() == [2, 3, 4]

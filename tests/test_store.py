@@ -1,0 +1,175 @@
+"""The store format: every array and attr round-trips, registration rules, shard writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import (
+    FORMAT,
+    FORMAT_VERSION,
+    DatasetChangedError,
+    ImageStatus,
+    LabelSetConfig,
+    LabelSetMismatchError,
+    Store,
+    StoreError,
+    TeacherSpec,
+)
+
+TEACHER = TeacherSpec(model="test_nfnet", checkpoint_sha256="0" * 64, num_classes=3,
+                      input_size=96, class_names=("circles", "squares", "stripes"))
+
+
+def random_block(labelset, shard: int, rng: np.random.Generator):
+    block = labelset.empty_block(shard)
+    n, k, h, w = block.logits.shape
+    logits = np.sort(rng.normal(size=(n, k, h, w)), axis=1)[:, ::-1]
+    block.logits[:] = logits
+    block.classes[:] = rng.integers(0, labelset.teacher.num_classes, size=block.classes.shape)
+    block.lse[:] = logits[:, 0] + 1.0
+    block.global_logits[:] = rng.normal(size=block.global_logits.shape)
+    block.global_classes[:] = rng.integers(0, labelset.teacher.num_classes, size=(n, k))
+    block.status[:] = rng.choice([0, 0, 0, 1, 3], size=n)
+    return block
+
+
+@pytest.mark.parametrize("url", [False, True], ids=["path", "file-url"])
+def test_round_trip_every_array_and_attr(tmp_path: Path, images: Path, url: bool):
+    location = f"file://{tmp_path}/store" if url else str(tmp_path / "store")
+    store = Store.open(location)
+    dataset, created = store.add_dataset("toy", images)
+    assert created
+    config = LabelSetConfig(teacher=TEACHER, topk=2, grid=(3, 3),
+                            dataset_fingerprint=dataset.fingerprint, shard_size=4, chunk_size=2)
+    labelset = dataset.create_labelset(config)
+    rng = np.random.default_rng(0)
+    written = [random_block(labelset, s, rng) for s in range(labelset.num_shards)]
+    for shard, block in enumerate(written):
+        labelset.write_shard(shard, block)
+
+    reopened = Store.open(location, mode="r")
+    assert reopened.root.attrs.asdict() == {"format": FORMAT, "format_version": FORMAT_VERSION}
+    ds = reopened.dataset("toy")
+    manifest, original = ds.manifest(), dataset.manifest()
+    for column in ("path", "sha256", "width", "height", "label"):
+        np.testing.assert_array_equal(getattr(manifest, column), getattr(original, column))
+    assert manifest.class_names == ("circles", "squares", "stripes")
+    assert ds.attrs["num_images"] == 18 and ds.attrs["source_root"] == str(images.resolve())
+    assert ds.attrs["fingerprint"] == manifest.fingerprint()
+    assert {"created_at", "code_version", "class_names", "name"} <= ds.attrs.keys()
+
+    stored = reopened.labelset(labelset.id)  # found by id alone
+    attrs = stored.attrs
+    assert attrs["teacher"] == json.loads(json.dumps(TEACHER.to_attrs()))
+    assert stored.teacher == TEACHER
+    assert (attrs["topk"], attrs["grid"], attrs["num_images"], attrs["shard_size"]) == (
+        2, [3, 3], 18, 4)
+    assert attrs["dataset_fingerprint"] == dataset.fingerprint
+    assert {"created_at", "code_version"} <= attrs.keys()
+
+    whole = stored.read_block(0, 18)
+    for name in ("logits", "classes", "lse", "global_logits", "global_classes", "status"):
+        expected = np.concatenate([getattr(b, name) for b in written])
+        np.testing.assert_array_equal(getattr(whole, name), expected, err_msg=name)
+    assert whole.logits.dtype == np.float16 and whole.classes.dtype == np.int16
+    assert whole.status.dtype == np.int8
+    single = stored.read_image(5)
+    np.testing.assert_array_equal(single.logits[0], whole.logits[5])
+    np.testing.assert_array_equal(stored.read_shard(4).classes, written[4].classes)
+    assert stored.is_complete()
+
+
+def test_unwritten_shards_read_as_not_labeled(store: Store, images: Path):
+    dataset, _ = store.add_dataset("toy", images)
+    labelset = dataset.create_labelset(LabelSetConfig(
+        teacher=TEACHER, topk=2, grid=(3, 3), dataset_fingerprint=dataset.fingerprint,
+        shard_size=4, chunk_size=4))
+    labelset.write_shard(1, random_block(labelset, 1, np.random.default_rng(1)))
+    assert labelset.pending_shards() == [0, 2, 3, 4]
+    block = labelset.read_shard(0)
+    assert (block.status == ImageStatus.PENDING).all()
+    assert np.isnan(block.logits).all() and (block.classes == -1).all()
+
+
+def test_many_classes_use_int32(store: Store, images: Path):
+    dataset, _ = store.add_dataset("toy", images)
+    teacher = TeacherSpec(model="m", checkpoint_sha256=None, num_classes=40_000, input_size=64)
+    labelset = dataset.create_labelset(LabelSetConfig(
+        teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint))
+    block = labelset.empty_block(0)
+    block.classes[:] = 39_999
+    block.status[:] = 0
+    labelset.write_shard(0, block)
+    assert labelset.read_image(3).classes.dtype == np.int32
+    assert (labelset.read_image(3).classes == 39_999).all()
+
+
+def test_create_labelset_is_idempotent_and_ids_are_distinct(store: Store, images: Path):
+    dataset, _ = store.add_dataset("toy", images)
+    config = LabelSetConfig(teacher=TEACHER, topk=2, grid=(3, 3),
+                            dataset_fingerprint=dataset.fingerprint, shard_size=4, chunk_size=2)
+    first = dataset.create_labelset(config)
+    first.write_shard(0, random_block(first, 0, np.random.default_rng(2)))
+    again = dataset.create_labelset(config)
+    assert again.id == first.id and again.pending_shards() == [1, 2, 3, 4]  # nothing wiped
+    other = dataset.create_labelset(LabelSetConfig(
+        teacher=TEACHER, topk=3, grid=(3, 3), dataset_fingerprint=dataset.fingerprint))
+    assert other.id != first.id
+    assert dataset.labelset_ids() == sorted([first.id, other.id])
+
+
+def test_write_shard_refuses_wrong_blocks(store: Store, images: Path):
+    dataset, _ = store.add_dataset("toy", images)
+    labelset = dataset.create_labelset(LabelSetConfig(
+        teacher=TEACHER, topk=2, grid=(3, 3), dataset_fingerprint=dataset.fingerprint,
+        shard_size=4, chunk_size=2))
+    block = random_block(labelset, 0, np.random.default_rng(3))
+    with pytest.raises(LabelSetMismatchError, match="shard 1"):
+        labelset.write_shard(1, block)
+    block.status[2] = ImageStatus.PENDING
+    with pytest.raises(LabelSetMismatchError, match="status -1"):
+        labelset.write_shard(0, block)
+    assert labelset.pending_shards() == [0, 1, 2, 3, 4]
+
+
+def test_register_unchanged_is_noop_and_changed_is_refused(store: Store, images: Path):
+    dataset, created = store.add_dataset("toy", images)
+    assert created
+    again, created = store.add_dataset("toy", images)
+    assert not created and again.fingerprint == dataset.fingerprint
+
+    squares = images / "squares"
+    (images / "circles" / "0000.jpg").write_bytes((squares / "0000.jpg").read_bytes())
+    (squares / "extra.JPEG").write_bytes((squares / "0001.jpg").read_bytes())
+    (images / "stripes" / "0005.jpg").unlink()
+    with pytest.raises(DatasetChangedError, match=r"1 added, 1 removed, 1 modified"):
+        store.add_dataset("toy", images)
+    assert store.dataset("toy").fingerprint == dataset.fingerprint  # the old one is intact
+    renamed, created = store.add_dataset("toy-v2", images)
+    assert created and renamed.num_images == 18
+
+
+def test_interrupted_registration_can_be_redone(store: Store, images: Path):
+    store.root["datasets"].require_group("toy")  # as left by a crash before the attrs
+    with pytest.raises(StoreError, match="incomplete"):
+        store.dataset("toy")
+    dataset, created = store.add_dataset("toy", images)
+    assert created and dataset.num_images == 18
+
+
+def test_refuses_foreign_and_newer_stores(tmp_path: Path):
+    import zarr
+
+    zarr.open_group(tmp_path / "other", mode="w").attrs["format"] = "something-else"
+    with pytest.raises(StoreError, match="not a tokenlabel store"):
+        Store.open(tmp_path / "other")
+    root = zarr.open_group(tmp_path / "newer", mode="w")
+    root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(StoreError, match="format version"):
+        Store.open(tmp_path / "newer")
+    with pytest.raises(ValueError, match="invalid dataset name"):
+        Store.open(tmp_path / "s").add_dataset("../escape", tmp_path)

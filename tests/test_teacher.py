@@ -1,0 +1,82 @@
+"""The dense teacher: the dense/global invariant, checkpoint loading, refusing other heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from labeler_service.sample import make_random_checkpoint
+from labeler_service.teacher import DenseTeacher, TeacherError, build_teacher, file_sha256
+
+
+def test_dense_mean_equals_model_logits(checkpoint: Path):
+    teacher, spec, grid = build_teacher("test_nfnet", checkpoint, 128)
+    x = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = teacher(x)
+        expected = teacher.model(x)
+    assert dense.shape == (3, spec.num_classes, *grid) and grid == (4, 4)
+    torch.testing.assert_close(dense.mean(dim=(2, 3)), expected, rtol=1e-4, atol=1e-4)
+
+    out = teacher.summarise(x, topk=2)
+    torch.testing.assert_close(out.global_logits, expected.topk(2, dim=1).values,
+                               rtol=1e-4, atol=1e-4)
+    assert (out.global_classes == expected.topk(2, dim=1).indices).all()
+    assert (out.logits[:, 0] >= out.logits[:, 1]).all()  # descending along K
+    torch.testing.assert_close(out.lse, dense.logsumexp(dim=1))
+    assert torch.equal(out.logits, dense.gather(1, out.classes))
+
+
+def test_spec_records_checkpoint_and_geometry(checkpoint: Path):
+    _, spec, _ = build_teacher("test_nfnet", checkpoint, 96)
+    assert spec.num_classes == 3  # taken from the checkpoint, not the model default
+    assert spec.checkpoint_sha256 == file_sha256(checkpoint)
+    assert (spec.input_size, spec.resize, spec.interpolation) == (96, "squash", "bicubic")
+    assert spec.mean == (0.5, 0.5, 0.5)  # test_nfnet's own normalisation, from timm
+
+
+def test_pth_checkpoints_with_wrappers_load(tmp_path: Path):
+    plain = make_random_checkpoint(tmp_path / "plain.pth", num_classes=7, seed=3)
+    state = torch.load(plain, weights_only=True)
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, wrapped)
+    a, spec_a, _ = build_teacher("test_nfnet", plain, 64)
+    b, spec_b, _ = build_teacher("test_nfnet", wrapped, 64)
+    assert spec_a.num_classes == spec_b.num_classes == 7
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert spec_a.class_names == ()  # only 1000-class teachers get ImageNet names
+
+
+def test_imagenet_teachers_get_class_names(tmp_path: Path):
+    _, spec, _ = build_teacher("test_nfnet", None, 64)
+    assert spec.num_classes == 1000 and spec.checkpoint_sha256 is None
+    assert spec.class_names[0].startswith("tench")
+
+
+def test_wrong_checkpoint_is_refused_clearly(tmp_path: Path):
+    other = make_random_checkpoint(tmp_path / "resnet.pth", model="resnet10t", num_classes=3)
+    with pytest.raises(TeacherError, match="no 'head.fc.weight'"):
+        build_teacher("test_nfnet", other, 64)
+    with pytest.raises(TeacherError, match="does not exist"):
+        build_teacher("test_nfnet", tmp_path / "missing.pth", 64)
+    with pytest.raises(TeacherError, match="unknown timm model"):
+        build_teacher("no_such_model", None, 64)
+    truncated = make_random_checkpoint(tmp_path / "t.pth", num_classes=3)
+    state = torch.load(truncated, weights_only=True)
+    state.pop("stem.conv1.weight")
+    torch.save(state, truncated)
+    with pytest.raises(TeacherError, match="does not fit test_nfnet"):
+        build_teacher("test_nfnet", truncated, 64)
+
+
+def test_heads_other_than_avg_pool_linear_are_refused():
+    model = timm.create_model("test_nfnet", pretrained=False, num_classes=5, global_pool="max")
+    with pytest.raises(TeacherError, match="not global average pool"):
+        DenseTeacher(model.eval()).check_dense_invariant(64)
+    headless = timm.create_model("test_nfnet", pretrained=False, num_classes=0)
+    with pytest.raises(TeacherError, match="not a linear layer"):
+        DenseTeacher(headless)
