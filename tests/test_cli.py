@@ -1,0 +1,102 @@
+"""The ``labeler`` command line: the user's path through register, label and verify."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from labeler_service.cli import main
+from storage import Store
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+    return invoke
+
+
+def label_args(checkpoint: Path) -> list[str]:
+    return ["label", "toy", "--model", "test_nfnet", "--checkpoint", str(checkpoint),
+            "--input-size", "64", "--topk", "2", "--shard-size", "4", "--chunk-size", "2",
+            "--workers", "0", "--no-progress"]
+
+
+def test_register_label_verify(run, images: Path, checkpoint: Path, tmp_path: Path):
+    assert "registered: 18 images, 3 classes" in run("datasets", "add", "toy", str(images))
+    assert "already registered (unchanged)" in run("datasets", "add", "toy", str(images))
+    out = run(*label_args(checkpoint))
+    assert "18 images labeled, 0 failed, 5 shards written, 0 already done" in out
+    assert "results: store/datasets/toy/labels/test_nfnet-64px-top2-" in out
+    assert "0 shards written, 5 already done" in run(*label_args(checkpoint))
+    assert "5/5 shards" in run("datasets", "list")
+    assert "store is consistent" in run("store", "verify")
+    assert (tmp_path / "store" / "zarr.json").is_file()  # ./store is the default
+
+
+def test_store_from_environment(run, images: Path, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LABELER_STORE", str(tmp_path / "elsewhere"))
+    run("datasets", "add", "toy", str(images))
+    assert Store.open(tmp_path / "elsewhere").dataset_names() == ["toy"]
+
+
+def test_verify_finds_missing_shards_and_fingerprint_mismatch(run, images: Path,
+                                                              checkpoint: Path, tmp_path: Path):
+    run("datasets", "add", "toy", str(images))
+    run(*label_args(checkpoint))
+    store = Store.open("store")
+    (labelset_id,) = store.dataset("toy").labelset_ids()
+    labels = tmp_path / "store" / "datasets" / "toy" / "labels" / labelset_id
+    (labels / "status" / "c" / "2").unlink()  # shard 2's completion record
+    out = run("store", "verify", code=1)
+    assert "1 of 5 shards missing (2)" in out
+
+    run(*label_args(checkpoint))  # the rerun redoes just that shard
+    assert "store is consistent" in run("store", "verify")
+    store.labelset(labelset_id).group.attrs["dataset_fingerprint"] = "f" * 64
+    assert "made for dataset fingerprint ffffffffffff" in run("store", "verify", code=1)
+
+
+def test_verify_reports_failed_images_without_failing(run, images: Path, checkpoint: Path):
+    (images / "circles" / "0002.jpg").write_bytes(b"")
+    (images / "squares" / "0003.jpg").write_bytes(b"<html>not an image</html>")
+    run("datasets", "add", "toy", str(images))
+    out = run(*label_args(checkpoint))
+    assert "16 images labeled, 2 failed" in out
+    assert "1 x empty file" in out and "squares/0003.jpg" in out
+    out = run("store", "verify")
+    assert "1 images failed: empty file" in out and "store is consistent" in out
+
+
+def test_user_errors_are_one_line_messages(run, images: Path, checkpoint: Path, tmp_path: Path):
+    assert "no dataset 'toy'" in run(*label_args(checkpoint), code=1)
+    run("datasets", "add", "toy", str(images))
+    shutil.copy(images / "circles" / "0000.jpg", images / "circles" / "new.jpg")
+    out = run("datasets", "add", "toy", str(images), code=1)
+    assert "has changed since (1 added, 0 removed, 0 modified)" in out
+    assert "exactly one of" in run("label", "toy", "--model", "test_nfnet", "--input-size", "64",
+                                   code=2)
+    out = run("label", "toy", "--model", "nope", "--random-weights", "--input-size", "64", code=1)
+    assert "unknown timm model 'nope'" in out
+    assert "--part must look like i/n" in run(*label_args(checkpoint), "--part", "x", code=1)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", '
+                                                 '"attributes": {"format": "other"}}')
+    assert "not a tokenlabel store" in run("datasets", "list", "--store", "junk", code=1)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_quickstart(run, tmp_path: Path):
+    out = run("demo")
+    assert "sample: registered: 24 images, 3 classes" in out
+    assert "24 images labeled, 0 failed" in out and "store is consistent" in out
+    assert "already registered" in run("demo")  # and again, idempotently

@@ -1,0 +1,82 @@
+"""Importing labels in the public TokenLabeling layout: per-image [2, K, H, W] fp16 .pt files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from labeler_service.importer import import_tokenlabeling
+from storage import ImageStatus, Store
+
+
+def write_tokenlabeling_files(images: Path, out: Path, rng: np.random.Generator,
+                              num_classes: int = 3, topk: int = 2, grid=(4, 3)):
+    """Files as the public generator writes them; returns {relative image path: tensor}."""
+    written = {}
+    for image in sorted(images.rglob("*.jpg")):
+        rel = image.relative_to(images)
+        logits = np.sort(rng.normal(size=(topk, *grid)), axis=0)[::-1]
+        classes = np.stack([rng.permutation(num_classes)[:topk] for _ in range(grid[0] * grid[1])],
+                           axis=1).reshape(topk, *grid)
+        tensor = torch.from_numpy(np.stack([logits, classes]).astype(np.float16))
+        target = out / rel.with_suffix(".pt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensor, target)
+        written[str(rel)] = tensor
+    return written
+
+
+def test_import_round_trip_with_missing_and_broken_files(store: Store, images: Path,
+                                                         tmp_path: Path):
+    dataset, _ = store.add_dataset("toy", images)
+    labels = tmp_path / "labels"
+    written = write_tokenlabeling_files(images, labels, np.random.default_rng(0))
+    (labels / "circles" / "0001.pt").unlink()
+    torch.save(torch.zeros(2, 2, 5, 5, dtype=torch.float16), labels / "squares" / "0002.pt")
+    (labels / "stripes" / "0003.pt").write_bytes(b"not a tensor")
+    bad_class = written["stripes/0004.jpg"].clone()
+    bad_class[1, 0, 0, 0] = 7  # a class id outside [0, 3)
+    torch.save(bad_class, labels / "stripes" / "0004.pt")
+
+    report = import_tokenlabeling(store, "toy", labels, num_classes=3, shard_size=4,
+                                  chunk_size=2, progress=False)
+    assert report.images_imported == 14
+    assert report.images_failed == {ImageStatus.LABEL_FILE_MISSING: 1,
+                                    ImageStatus.LABEL_FILE_INVALID: 3}
+
+    labelset = store.labelset(report.labelset_id)
+    assert labelset.is_complete() and labelset.grid == (4, 3) and labelset.topk == 2
+    assert labelset.teacher.resize == "center_crop" and labelset.teacher.input_size == 576
+    assert labelset.attrs["source"] == "tokenlabeling-import"
+    block = labelset.read_block(0, labelset.num_images)
+    for i, path in enumerate(dataset.manifest().path):
+        if path in ("circles/0001.jpg", "squares/0002.jpg", "stripes/0003.jpg",
+                    "stripes/0004.jpg"):
+            assert block.status[i] > 0 and np.isnan(block.logits[i]).all()
+            continue
+        assert block.status[i] == ImageStatus.LABELED
+        np.testing.assert_array_equal(block.logits[i], written[path][0].numpy())
+        np.testing.assert_array_equal(block.classes[i], written[path][1].numpy().astype(int))
+    assert np.isnan(block.lse).all()  # unknown in this layout, documented
+    assert np.isnan(block.global_logits).all() and (block.global_classes == -1).all()
+
+    again = import_tokenlabeling(store, "toy", labels, num_classes=3, shard_size=4,
+                                 chunk_size=2, progress=False)
+    assert again.labelset_id == report.labelset_id
+    assert (again.shards_written, again.shards_skipped) == (0, 5)
+
+
+def test_import_refuses_what_fp16_cannot_hold_and_class_mismatch(
+        store: Store, images: Path, tmp_path: Path):
+    store.add_dataset("toy", images)
+    labels = tmp_path / "labels"
+    write_tokenlabeling_files(images, labels, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="above 2048"):
+        import_tokenlabeling(store, "toy", labels, num_classes=5000, progress=False)
+    with pytest.raises(ValueError, match="has 3 classes but the labels are declared with 1000"):
+        import_tokenlabeling(store, "toy", labels, num_classes=1000, progress=False)
+    with pytest.raises(FileNotFoundError, match="no label file"):
+        import_tokenlabeling(store, "toy", tmp_path / "empty", num_classes=3, progress=False)
