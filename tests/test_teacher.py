@@ -59,7 +59,7 @@ def test_imagenet_teachers_get_class_names(tmp_path: Path):
 
 def test_wrong_checkpoint_is_refused_clearly(tmp_path: Path):
     other = make_random_checkpoint(tmp_path / "resnet.pth", model="resnet10t", num_classes=3)
-    with pytest.raises(TeacherError, match="no 'head.fc.weight'"):
+    with pytest.raises(TeacherError, match=r"no 'head\.fc\.weight'"):
         build_teacher("test_nfnet", other, 64)
     with pytest.raises(TeacherError, match="does not exist"):
         build_teacher("test_nfnet", tmp_path / "missing.pth", 64)
