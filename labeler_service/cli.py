@@ -5,11 +5,15 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from storage import Store, StoreError
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
+
+if TYPE_CHECKING:
+    from labeler_service.labeling import LabelingReport
 
 store_option = click.option(
     "--store", "store_location", envvar="LABELER_STORE", default="store", show_default=True,
@@ -93,7 +97,8 @@ def datasets_list(store_location: str) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=min(8, os.cpu_count() or 1),
               show_default=True, help="Image decoding processes.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
+              show_default=True, help="Autocast dtype on CUDA (the head and lse are always fp32).")
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE,
               show_default=True, help="Images per shard (new label sets only).")
 @click.option("--chunk-size", type=click.IntRange(1), default=DEFAULT_CHUNK_SIZE,
@@ -108,7 +113,7 @@ def datasets_list(store_location: str) -> None:
 @user_errors
 def label(dataset: str, model: str, checkpoint: Path | None, random_weights: bool,
           input_size: int, topk: int, store_location: str, device: str, batch_size: int,
-          workers: int, amp: bool, shard_size: int, chunk_size: int, part: str,
+          workers: int, precision: str, shard_size: int, chunk_size: int, part: str,
           max_pixels: int | None, ignore_dataset_classes: bool, progress: bool) -> None:
     """Label DATASET with a dense teacher, in this process (resumable)."""
     from labeler_service.images import DEFAULT_MAX_PIXELS
@@ -116,12 +121,17 @@ def label(dataset: str, model: str, checkpoint: Path | None, random_weights: boo
 
     if (checkpoint is None) == (not random_weights):
         raise click.UsageError("give exactly one of --checkpoint FILE and --random-weights")
-    options = LabelingOptions(batch_size=batch_size, num_workers=workers, device=device, amp=amp,
+    options = LabelingOptions(batch_size=batch_size, num_workers=workers, device=device,
+                              precision=precision,
                               max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                               shard_size=shard_size, chunk_size=chunk_size, progress=progress)
     store = Store.open(store_location)
     report = label_dataset(store, dataset, model, checkpoint, input_size, topk, options,
                            part=parse_part(part), ignore_dataset_classes=ignore_dataset_classes)
+    echo_label_report(report, store, dataset)
+
+
+def echo_label_report(report: LabelingReport, store: Store, dataset: str) -> None:
     failed = sum(report.images_failed.values())
     rate = report.images_done / report.seconds if report.seconds else 0.0
     click.echo(f"label set {report.labelset_id}: {report.images_labeled} images labeled, "
@@ -146,16 +156,21 @@ def store_group() -> None:
 @user_errors
 def store_verify(store_location: str) -> None:
     """Report missing shards, failed images and fingerprint mismatches; exit 1 if inconsistent."""
+    if not echo_verify_report(Store.open(store_location, mode="r")):
+        raise SystemExit(1)
+
+
+def echo_verify_report(store: Store) -> bool:
     from storage.verify import verify_store
 
-    report = verify_store(Store.open(store_location, mode="r"))
+    report = verify_store(store)
     for note in report.notes:
         click.echo(f"note: {note}")
     for problem in report.problems:
         click.echo(f"problem: {problem}")
-    if not report.ok:
-        raise SystemExit(1)
-    click.echo("store is consistent")
+    if report.ok:
+        click.echo("store is consistent")
+    return report.ok
 
 
 @main.command("import-tokenlabeling")
@@ -195,18 +210,21 @@ def import_tokenlabeling_cmd(dataset: str, directory: Path, store_location: str,
               default=Path("sample"), show_default=True,
               help="Where to make the sample images and checkpoint.")
 @store_option
-@click.pass_context
-def demo(ctx: click.Context, directory: Path, store_location: str) -> None:
+@user_errors
+def demo(directory: Path, store_location: str) -> None:
     """Make a small sample dataset and teacher, register and label it, show the results."""
+    from labeler_service.labeling import LabelingOptions, label_dataset
     from labeler_service.sample import SAMPLE_CLASSES, make_random_checkpoint, make_sample_images
 
     images = make_sample_images(directory / "images")
     checkpoint = make_random_checkpoint(directory / "test_nfnet.safetensors",
                                         num_classes=len(SAMPLE_CLASSES))
     click.echo(f"sample images in {images}, random-weight test_nfnet teacher in {checkpoint}")
-    ctx.invoke(datasets_add, name="sample", directory=images, store_location=store_location)
-    ctx.invoke(label, dataset="sample", model="test_nfnet", checkpoint=checkpoint,
-               random_weights=False, input_size=160, topk=3, store_location=store_location,
-               device="cpu", batch_size=16, workers=2, amp=True, shard_size=16, chunk_size=16,
-               part="0/1", max_pixels=None, ignore_dataset_classes=False, progress=True)
-    ctx.invoke(store_verify, store_location=store_location)
+    store = Store.open(store_location)
+    dataset, created = store.add_dataset("sample", images)
+    click.echo(f"sample: {'registered' if created else 'already registered'}: "
+               f"{dataset.num_images} images, {len(dataset.class_names)} classes")
+    options = LabelingOptions(batch_size=16, num_workers=2, shard_size=16, chunk_size=16)
+    report = label_dataset(store, "sample", "test_nfnet", checkpoint, 160, 3, options)
+    echo_label_report(report, store, "sample")
+    echo_verify_report(store)

@@ -27,6 +27,8 @@ from storage import Dataset as StoreDataset
 from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
 
 class ClassCountMismatch(ValueError):
     """The teacher's classes and the dataset's classes cannot be the same label space."""
@@ -37,7 +39,7 @@ class LabelingOptions:
     batch_size: int = 32
     num_workers: int = 4
     device: str = "cpu"
-    amp: bool = True  # autocast (bf16) on CUDA; ignored on CPU
+    precision: str = "bf16"  # autocast dtype on CUDA: bf16, fp16 or fp32 (none); CPU: fp32
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_size: int = DEFAULT_SHARD_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -118,10 +120,12 @@ class TeacherRunner:
     """Normalises uint8 batches on the device and runs the teacher under autocast."""
 
     def __init__(self, teacher: DenseTeacher, mean: Sequence[float], std: Sequence[float],
-                 topk: int, device: torch.device, amp: bool):
+                 topk: int, device: torch.device, precision: str = "bf16"):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}")
         self.teacher, self.topk, self.device = teacher, topk, device
         self.cuda = device.type == "cuda"
-        self.amp = amp and self.cuda
+        self.autocast_dtype = AUTOCAST_DTYPES[precision] if self.cuda else None
         if self.cuda:
             teacher.to(memory_format=torch.channels_last)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
@@ -132,7 +136,7 @@ class TeacherRunner:
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp
+        autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
             return self.teacher.summarise(x, self.topk)
@@ -259,5 +263,5 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
     todo = [s for s in labelset.pending_shards() if s % count == index]
     mine = [s for s in range(labelset.num_shards) if s % count == index]
     report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
-    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, options.amp)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, options.precision)
     return label_shards(labelset, dataset, runner, todo, options, report=report)

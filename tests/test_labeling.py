@@ -153,7 +153,7 @@ def test_should_stop_ends_between_shards(store: Store, images: Path, checkpoint:
     labelset = dataset.labelset(report.labelset_id)
     assert labelset.pending_shards() == [1, 2, 3, 4]
     teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
-    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), amp=False)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "fp32")
     stopped = label_shards(labelset, dataset, runner, [1, 2, 3, 4], OPTIONS,
                            should_stop=lambda: True)
     assert stopped.stopped and stopped.shards_written == 1
