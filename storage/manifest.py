@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 # Lower-cased suffixes that are listed as images. Files with these suffixes that turn out not to be
 # images are still listed: they get a failure status when labeled rather than vanishing silently.
@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = frozenset(
 )
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_TIFF_WIDTH, _TIFF_HEIGHT = 256, 257  # ImageWidth, ImageLength tags
 
 
 @dataclass(frozen=True)
@@ -79,16 +80,27 @@ def list_image_files(root: Path) -> list[str]:
 
 
 def probe_image(path: Path) -> tuple[str, int, int]:
-    """sha256 of the file and its (width, height) after EXIF orientation; -1 sizes if unreadable."""
+    """sha256 of the file and its (width, height) after EXIF orientation; -1 sizes if unreadable.
+
+    Reads headers only, never pixels: a few-kB PNG can claim hundreds of megapixels. Callers that
+    want Pillow's bomb and EXIF warnings silenced do so around the call (``scan_image_folder``).
+    """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bomb and EXIF warnings: sizes come from the header
-            with Image.open(path) as img:
-                width, height = img.size
-                if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
-                    width, height = height, width
+        with Image.open(path) as img:
+            width, height = img.size
+            if isinstance(img, TiffImagePlugin.TiffImageFile):
+                # Recent Pillow reports a TIFF's size already oriented (it orients the pixels on
+                # load), so swapping below would undo it; the stored dimensions are unoriented
+                # on every Pillow version.
+                width = img.tag_v2.get(_TIFF_WIDTH, width)
+                height = img.tag_v2.get(_TIFF_HEIGHT, height)
+            # Image.getexif, not img.getexif: PngImageFile.getexif decodes every pixel to look for
+            # an eXIf chunk after the image data. The base method reads what the header parsing
+            # found (eXIf before IDAT, where encoders put it), so probing costs no decode.
+            if Image.Image.getexif(img).get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
     except Exception:
         width = height = -1
     return digest, width, height
@@ -105,8 +117,13 @@ def scan_image_folder(root: Path, max_workers: int = 8) -> Manifest:
         raise NotADirectoryError(f"{root} is not a directory")
     paths = list_image_files(root)
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        probes = list(pool.map(lambda p: probe_image(root / p), paths, chunksize=64))
+    # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
+    # filter list, so entering it in each pool thread interleaves and can leave "ignore all
+    # warnings" installed for the rest of the process.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bomb and EXIF warnings: sizes come from the header
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            probes = list(pool.map(lambda p: probe_image(root / p), paths, chunksize=64))
 
     top_dirs = [p.split("/", 1)[0] if "/" in p else None for p in paths]
     if paths and all(top_dirs):
