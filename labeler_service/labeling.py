@@ -9,6 +9,7 @@ goes on with the next batches.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -24,10 +25,13 @@ from tqdm import tqdm
 from labeler_service.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, read_image_bytes
 from labeler_service.teacher import DenseTeacher, build_teacher
 from storage import Dataset as StoreDataset
-from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store
+from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store, class_dtype
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+LABEL_ARRAYS = ("logits", "classes", "lse", "global_logits", "global_classes")
 
 
 class ClassCountMismatch(ValueError):
@@ -37,7 +41,7 @@ class ClassCountMismatch(ValueError):
 @dataclass
 class LabelingOptions:
     batch_size: int = 32
-    num_workers: int = 4
+    num_workers: int = min(8, os.cpu_count() or 1)
     device: str = "cpu"
     precision: str = "bf16"  # autocast dtype on CUDA: bf16, fp16 or fp32 (none); CPU: fp32
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -125,9 +129,10 @@ class TeacherRunner:
             raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}")
         self.teacher, self.topk, self.device = teacher, topk, device
         self.cuda = device.type == "cuda"
-        self.autocast_dtype = AUTOCAST_DTYPES[precision] if self.cuda else None
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
         if self.cuda:
             teacher.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # every batch has the same input shape
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
@@ -136,10 +141,15 @@ class TeacherRunner:
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
-        autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
-            return self.teacher.summarise(x, self.topk)
+            out = self.teacher.summarise(x, self.topk)
+        # Narrow on the device, then one copy per array to the host.
+        cdt = getattr(torch, class_dtype(self.teacher.num_classes).name)
+        return (out.logits.half().cpu().numpy(), out.classes.to(cdt).cpu().numpy(),
+                out.lse.cpu().numpy(), out.global_logits.cpu().numpy(),
+                out.global_classes.to(cdt).cpu().numpy())
 
 
 def iterate_batches(dataset: ImageFileDataset, batches: list[list[int]], num_workers: int,
@@ -148,7 +158,7 @@ def iterate_batches(dataset: ImageFileDataset, batches: list[list[int]], num_wor
         return iter(())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                         collate_fn=collate, pin_memory=pin_memory,
-                        prefetch_factor=4 if num_workers else None)
+                        prefetch_factor=2 if num_workers else None)
     return iter(loader)
 
 
@@ -187,14 +197,9 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
             rows = batch.indices - block.start
             ok = batch.status == ImageStatus.LABELED
             if ok.any():
-                out = runner(batch.pixels)
-                keep = torch.from_numpy(ok).to(out.logits.device)
-                rows_ok = rows[ok]
-                block.logits[rows_ok] = out.logits[keep].cpu().numpy().astype(np.float16)
-                block.classes[rows_ok] = out.classes[keep].cpu().numpy()
-                block.lse[rows_ok] = out.lse[keep].cpu().numpy()
-                block.global_logits[rows_ok] = out.global_logits[keep].cpu().numpy()
-                block.global_classes[rows_ok] = out.global_classes[keep].cpu().numpy()
+                outputs = runner(batch.pixels)
+                for name, values in zip(LABEL_ARRAYS, outputs, strict=True):
+                    getattr(block, name)[rows[ok]] = values[ok]
             block.status[rows] = batch.status
             filled += len(rows)
 
@@ -216,6 +221,8 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
                 if should_stop is not None and should_stop():
                     report.stopped = True
                     break
+        if block is not None:  # batches tile shards exactly; a leftover would be lost silently
+            raise RuntimeError(f"shard of block {block.start} ended unfinished")
     finally:
         bar.close()
         writer.shutdown(wait=True)
@@ -249,19 +256,26 @@ def parse_part(part: str) -> tuple[int, int]:
 def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path | None,
                   input_size: int, topk: int, options: LabelingOptions,
                   part: tuple[int, int] = (0, 1), ignore_dataset_classes: bool = False,
-                  class_names: tuple[str, ...] | None = None) -> LabelingReport:
+                  class_names: tuple[str, ...] | None = None,
+                  retry_failed: bool = False) -> LabelingReport:
     """The whole job in one process: create (or reopen) the label set and label what is missing."""
     dataset = store.dataset(dataset_name)
+    if not Path(dataset.source_root).is_dir():
+        # Otherwise every image would be recorded as missing and its shard as done.
+        raise FileNotFoundError(f"dataset {dataset_name!r}: its images at {dataset.source_root} "
+                                "are not reachable (unmounted or moved?)")
     device = torch.device(options.device)
-    teacher, spec, grid = build_teacher(model, checkpoint, input_size, device, class_names)
+    precision = options.precision if device.type == "cuda" else "fp32"
+    teacher, spec, grid = build_teacher(model, checkpoint, input_size, device, class_names,
+                                        precision)
     if not ignore_dataset_classes:
         check_class_space(dataset, spec.num_classes)
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=spec, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
         shard_size=options.shard_size, chunk_size=options.chunk_size))
     index, count = part
-    todo = [s for s in labelset.pending_shards() if s % count == index]
+    todo = [s for s in labelset.pending_shards(retry_failed=retry_failed) if s % count == index]
     mine = [s for s in range(labelset.num_shards) if s % count == index]
     report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
-    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, options.precision)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision)
     return label_shards(labelset, dataset, runner, todo, options, report=report)

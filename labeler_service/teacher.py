@@ -80,18 +80,23 @@ class DenseTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.forward_features(x)
-        # The head runs in float32 even under autocast: logits and lse are stored as labels.
-        weight = self.classifier.weight.float()[:, :, None, None]
-        bias = None if self.classifier.bias is None else self.classifier.bias.float()
-        return F.conv2d(features.float(), weight, bias)
+        # The head runs in float32 even when the backbone runs under autocast: its outputs are
+        # the stored labels. F.linear over channels-last features is the same matmul as the
+        # model's own nn.Linear, so the dense/global identity holds to float32 rounding.
+        with torch.autocast(features.device.type, enabled=False):
+            dense = F.linear(features.float().permute(0, 2, 3, 1),
+                             self.classifier.weight.float(),
+                             None if self.classifier.bias is None else self.classifier.bias.float())
+        return dense.permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def summarise(self, x: torch.Tensor, topk: int) -> TeacherOutput:
-        dense = self(x)
-        logits, classes = dense.topk(topk, dim=1)
-        global_logits, global_classes = dense.mean(dim=(2, 3)).topk(topk, dim=1)
-        return TeacherOutput(logits, classes, dense.logsumexp(dim=1), global_logits,
-                             global_classes)
+        dense = self(x)  # float32
+        with torch.autocast(dense.device.type, enabled=False):
+            logits, classes = dense.topk(topk, dim=1)
+            global_logits, global_classes = dense.mean(dim=(2, 3)).topk(topk, dim=1)
+            return TeacherOutput(logits, classes, dense.logsumexp(dim=1), global_logits,
+                                 global_classes)
 
     @torch.no_grad()
     def check_dense_invariant(self, input_size: int, atol: float = 1e-3) -> tuple[int, int]:
@@ -119,12 +124,13 @@ def imagenet_class_names(num_classes: int) -> tuple[str, ...]:
 
 def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
                   device: str | torch.device = "cpu",
-                  class_names: tuple[str, ...] | None = None) -> tuple[DenseTeacher, TeacherSpec,
-                                                                       tuple[int, int]]:
+                  class_names: tuple[str, ...] | None = None,
+                  precision: str = "fp32") -> tuple[DenseTeacher, TeacherSpec, tuple[int, int]]:
     """Create the timm model, load the local checkpoint, check it, and describe it.
 
     ``num_classes`` comes from the checkpoint's classifier. Without a checkpoint the weights are
-    random (for tests and speed measurements). Returns (teacher, spec, grid).
+    random (for tests and speed measurements). ``precision`` is the backbone's autocast dtype,
+    recorded in the spec because it changes the labels. Returns (teacher, spec, grid).
     """
     if model_name not in timm.list_models():
         raise TeacherError(f"unknown timm model {model_name!r}")
@@ -145,6 +151,10 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise TeacherError(f"checkpoint {checkpoint} does not fit {model_name}: {e}") from None
+    stride = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else 1
+    if input_size % stride:
+        raise TeacherError(f"--input-size {input_size} is not a multiple of {model_name}'s "
+                           f"stride {stride}: the label grid would not tile the image exactly")
     model.eval().to(device)
     teacher = DenseTeacher(model).eval()
     grid = teacher.check_dense_invariant(input_size)
@@ -160,5 +170,6 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
         interpolation=data_cfg.get("interpolation", "bicubic"),
         mean=tuple(float(v) for v in data_cfg["mean"]),
         std=tuple(float(v) for v in data_cfg["std"]),
+        precision=precision,
     )
     return teacher, spec, grid

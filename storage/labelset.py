@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from storage.errors import LabelSetMismatchError, StoreError
@@ -47,6 +48,8 @@ class TeacherSpec:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # The backbone's autocast dtype (bf16, fp16 or fp32); the head is always float32.
+    precision: str = "fp32"
 
     def to_attrs(self) -> dict[str, Any]:
         d = asdict(self)
@@ -60,6 +63,7 @@ class TeacherSpec:
 
 
 def class_dtype(num_classes: int) -> np.dtype:
+    """int16 class ids where they fit (half the bytes of int32), else int32."""
     return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
 
 
@@ -84,6 +88,30 @@ class LabelBlock:
 
 
 ARRAY_NAMES = ("logits", "classes", "lse", "global_logits", "global_classes", "status")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One label array: its per-image shape, dtype, "not written" fill value and codecs."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: float
+    codecs: tuple
+
+
+def array_specs(topk: int, grid: tuple[int, int], num_classes: int) -> dict[str, ArraySpec]:
+    """The arrays of a label set, in ARRAY_NAMES order (status last)."""
+    (h, w), cdt = grid, class_dtype(num_classes)
+    f16, f32, i8 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.int8)
+    return {
+        "logits": ArraySpec((topk, h, w), f16, np.nan, _FLOAT_CODECS),
+        "classes": ArraySpec((topk, h, w), cdt, -1, _INT_CODECS),
+        "lse": ArraySpec((h, w), f32, np.nan, _FLOAT_CODECS),
+        "global_logits": ArraySpec((topk,), f32, np.nan, _FLOAT_CODECS),
+        "global_classes": ArraySpec((topk,), cdt, -1, _INT_CODECS),
+        "status": ArraySpec((), i8, int(ImageStatus.PENDING), _INT_CODECS),
+    }
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,7 @@ class LabelSet:
         self.num_images: int = attrs["num_images"]
         self.shard_size: int = attrs["shard_size"]
         self.dataset_fingerprint: str = attrs["dataset_fingerprint"]
+        self.specs = array_specs(self.topk, self.grid, self.teacher.num_classes)
         self._arrays: dict[str, zarr.Array] = {}
 
     # -- creation ---------------------------------------------------------------------------
@@ -139,8 +168,8 @@ class LabelSet:
                config: LabelSetConfig, code_version: str) -> LabelSet:
         """Create the label set, or open it when one with the same configuration exists.
 
-        Safe to call from many processes at once: they all compute the same id and arrays, and
-        the group attributes, written last, are what makes the label set visible.
+        Safe to call from many processes at once: they all compute the same id, attrs and arrays,
+        and an existing array is never overwritten, only checked.
         """
         if config.shard_size % config.chunk_size:
             raise ValueError(f"shard_size {config.shard_size} must be a multiple of "
@@ -149,15 +178,14 @@ class LabelSet:
             raise ValueError(
                 f"topk must be in [1, {config.teacher.num_classes}], got {config.topk}")
         labelset_id = config.labelset_id(dataset_name)
-        n, k, (h, w) = num_images, config.topk, config.grid
         attrs = {
             "kind": "labelset",
             "id": labelset_id,
             "dataset": dataset_name,
             "teacher": config.teacher.to_attrs(),
-            "topk": k,
-            "grid": [h, w],
-            "num_images": n,
+            "topk": config.topk,
+            "grid": list(config.grid),
+            "num_images": num_images,
             "shard_size": config.shard_size,
             "chunk_size": config.chunk_size,
             "dataset_fingerprint": config.dataset_fingerprint,
@@ -165,46 +193,33 @@ class LabelSet:
             "code_version": code_version,
             **config.extra,
         }
-        # Group metadata and attributes go in one write. Concurrent creators write the same
-        # document (up to created_at), and arrays are never overwritten: no data can be lost.
+        # Group metadata and attributes go in one write, so a label set group always has attrs.
         try:
             group = parent.create_group(labelset_id, attributes=attrs)
         except ContainsGroupError:
             group = parent[labelset_id]
-            if group.attrs.get("kind") != "labelset":  # an older, unfinished creation
-                group.attrs.update(attrs)
         labelset = cls(group)
         labelset.check_config(config)
 
-        cdt = class_dtype(config.teacher.num_classes)
-        shard = labelset.shard_size
-        chunk = labelset.attrs["chunk_size"]
-        specs = {
-            "logits": ((n, k, h, w), np.float16, np.nan, _FLOAT_CODECS),
-            "classes": ((n, k, h, w), cdt, -1, _INT_CODECS),
-            "lse": ((n, h, w), np.float32, np.nan, _FLOAT_CODECS),
-            "global_logits": ((n, k), np.float32, np.nan, _FLOAT_CODECS),
-            "global_classes": ((n, k), cdt, -1, _INT_CODECS),
-            "status": ((n,), np.int8, int(ImageStatus.PENDING), _INT_CODECS),
-        }
-        for name, (shape, dtype, fill, codecs) in specs.items():
-            per_image = shape[1:]
-            dense = len(per_image) > 1
+        shard, chunk = labelset.shard_size, labelset.attrs["chunk_size"]
+        for name, spec in labelset.specs.items():
+            dense = len(spec.shape) > 1
             # Dense maps are sharded: one object per shard, inner chunks for block reads. The
             # small per-image arrays need no inner chunks: one plain chunk per shard.
+            chunks = (chunk if dense else shard, *spec.shape)
+            shards = (shard, *spec.shape) if dense else None
             try:
-                group.create_array(
-                    name, shape=shape, dtype=dtype, fill_value=fill, compressors=codecs,
-                    chunks=(chunk if dense else shard, *per_image),
-                    shards=(shard, *per_image) if dense else None,
-                )
+                group.create_array(name, shape=(num_images, *spec.shape), dtype=spec.dtype,
+                                   fill_value=spec.fill, compressors=spec.codecs,
+                                   chunks=chunks, shards=shards)
             except ContainsArrayError:
                 existing = group[name]
-                if existing.shape != shape or existing.dtype != np.dtype(dtype):
+                found = (existing.shape, existing.dtype, existing.chunks, existing.shards)
+                expected = ((num_images, *spec.shape), spec.dtype, chunks, shards)
+                if found != expected:
                     raise LabelSetMismatchError(
-                        f"label set {labelset_id}: array {name} exists with shape "
-                        f"{existing.shape} {existing.dtype}, expected {shape} {np.dtype(dtype)}"
-                    ) from None
+                        f"label set {labelset_id}: array {name} exists as (shape, dtype, chunks, "
+                        f"shards) {found}, expected {expected}") from None
         return labelset
 
     def check_config(self, config: LabelSetConfig) -> None:
@@ -234,14 +249,40 @@ class LabelSet:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> np.ndarray:
-        return self.array("status")[:]
+    def read_status(self) -> tuple[np.ndarray, list[int]]:
+        """Per-image status, and the shards whose status object could not be decoded.
 
-    def pending_shards(self, status: np.ndarray | None = None) -> list[int]:
-        """Shards not yet written (any image still at -1)."""
+        A torn status object (a crash mid-write on a store without atomic writes) reads as
+        pending, so the shard is labeled again rather than blocking the whole label set.
+        """
+        arr = self.array("status")
+        try:
+            return arr[:], []
+        except Exception:
+            status = np.full(self.num_images, ImageStatus.PENDING, np.int8)
+            torn = []
+            for index in range(self.num_shards):
+                start, stop = self.shard_range(index)
+                try:
+                    status[start:stop] = arr[start:stop]
+                except Exception:
+                    torn.append(index)
+            return status, torn
+
+    def status(self) -> np.ndarray:
+        return self.read_status()[0]
+
+    def pending_shards(self, status: np.ndarray | None = None,
+                       retry_failed: bool = False) -> list[int]:
+        """Shards not yet written (any image at -1); ``retry_failed`` adds shards with failures."""
         status = self.status() if status is None else status
-        return [i for i in range(self.num_shards)
-                if (status[slice(*self.shard_range(i))] == ImageStatus.PENDING).any()]
+        padded = np.full(self.num_shards * self.shard_size, ImageStatus.LABELED, np.int8)
+        padded[:len(status)] = status
+        per_shard = padded.reshape(self.num_shards, self.shard_size)
+        todo = (per_shard == ImageStatus.PENDING).any(axis=1)
+        if retry_failed:
+            todo |= (per_shard > 0).any(axis=1)
+        return np.flatnonzero(todo).tolist()
 
     def is_complete(self) -> bool:
         return not self.pending_shards()
@@ -251,17 +292,9 @@ class LabelSet:
     def empty_block(self, index: int) -> LabelBlock:
         """A block covering shard ``index``, filled with the "not labeled" fill values."""
         start, stop = self.shard_range(index)
-        n, k, (h, w) = stop - start, self.topk, self.grid
-        cdt = class_dtype(self.teacher.num_classes)
-        return LabelBlock(
-            start=start,
-            logits=np.full((n, k, h, w), np.nan, np.float16),
-            classes=np.full((n, k, h, w), -1, cdt),
-            lse=np.full((n, h, w), np.nan, np.float32),
-            global_logits=np.full((n, k), np.nan, np.float32),
-            global_classes=np.full((n, k), -1, cdt),
-            status=np.full((n,), ImageStatus.PENDING, np.int8),
-        )
+        return LabelBlock(start=start, **{
+            name: np.full((stop - start, *spec.shape), spec.fill, spec.dtype)
+            for name, spec in self.specs.items()})
 
     def write_shard(self, index: int, block: LabelBlock) -> None:
         """Write one whole shard; its status goes last, marking it done."""
@@ -274,12 +307,22 @@ class LabelSet:
         if (block.status == ImageStatus.PENDING).any():
             raise LabelSetMismatchError(f"shard {index} still has images with status -1")
         for name in ARRAY_NAMES:  # status is last in ARRAY_NAMES
-            arr = self.array(name)
-            data = getattr(block, name)
+            arr, data = self.array(name), getattr(block, name)
             if data.shape != (stop - start, *arr.shape[1:]):
                 raise LabelSetMismatchError(
                     f"{name}: expected shape {(stop - start, *arr.shape[1:])}, got {data.shape}")
+            if not np.can_cast(data.dtype, arr.dtype, casting="same_kind"):
+                raise LabelSetMismatchError(f"{name}: cannot store {data.dtype} as {arr.dtype}")
+            # zarr-python 3.1 writes into a sharded array by reading, merging and rewriting the
+            # existing shard object, even when every inner chunk is replaced. Deleting it first
+            # skips that read and lets a torn object from a crashed writer be replaced.
+            self._delete_shard_object(arr, index)
             arr[start:stop] = data.astype(arr.dtype, copy=False)
+
+    @staticmethod
+    def _delete_shard_object(arr: zarr.Array, index: int) -> None:
+        key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+        sync(arr.store_path.store.delete(f"{arr.store_path.path}/{key}"))
 
     # -- reading ----------------------------------------------------------------------------
 
