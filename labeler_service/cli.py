@@ -109,12 +109,15 @@ def datasets_list(store_location: str) -> None:
               help="Refuse images with more pixels (default: Pillow's bomb limit).")
 @click.option("--ignore-dataset-classes", is_flag=True,
               help="Label even when the teacher's class count differs from the dataset's.")
+@click.option("--retry-failed", is_flag=True,
+              help="Also relabel shards holding failed images (after fixing the files).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
 def label(dataset: str, model: str, checkpoint: Path | None, random_weights: bool,
           input_size: int, topk: int, store_location: str, device: str, batch_size: int,
           workers: int, precision: str, shard_size: int, chunk_size: int, part: str,
-          max_pixels: int | None, ignore_dataset_classes: bool, progress: bool) -> None:
+          max_pixels: int | None, ignore_dataset_classes: bool, retry_failed: bool,
+          progress: bool) -> None:
     """Label DATASET with a dense teacher, in this process (resumable)."""
     from labeler_service.images import DEFAULT_MAX_PIXELS
     from labeler_service.labeling import LabelingOptions, label_dataset, parse_part
@@ -127,12 +130,15 @@ def label(dataset: str, model: str, checkpoint: Path | None, random_weights: boo
                               shard_size=shard_size, chunk_size=chunk_size, progress=progress)
     store = Store.open(store_location)
     report = label_dataset(store, dataset, model, checkpoint, input_size, topk, options,
-                           part=parse_part(part), ignore_dataset_classes=ignore_dataset_classes)
+                           part=parse_part(part), ignore_dataset_classes=ignore_dataset_classes,
+                           retry_failed=retry_failed)
     echo_label_report(report, store, dataset)
+    if report.images_failed and not report.images_labeled:
+        raise click.ClickException("no image could be labeled: the job failed as a whole")
 
 
 def echo_label_report(report: LabelingReport, store: Store, dataset: str) -> None:
-    failed = sum(report.images_failed.values())
+    failed = report.images_done - report.images_labeled
     rate = report.images_done / report.seconds if report.seconds else 0.0
     click.echo(f"label set {report.labelset_id}: {report.images_labeled} images labeled, "
                f"{failed} failed, {report.shards_written} shards written, "
@@ -183,19 +189,20 @@ def echo_verify_report(store: Store) -> bool:
 @click.option("--input-size", type=click.IntRange(1), default=576, show_default=True)
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE,
               show_default=True)
+@click.option("--ignore-dataset-classes", is_flag=True,
+              help="Import even when --num-classes differs from the dataset's class count.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
 def import_tokenlabeling_cmd(dataset: str, directory: Path, store_location: str,
                              num_classes: int, model: str, input_size: int, shard_size: int,
-                             progress: bool) -> None:
+                             ignore_dataset_classes: bool, progress: bool) -> None:
     """Import per-image TokenLabeling .pt files under DIRECTORY into a label set of DATASET."""
     from labeler_service.importer import import_tokenlabeling
 
     report = import_tokenlabeling(Store.open(store_location), dataset, directory,
                                   num_classes=num_classes, model=model, input_size=input_size,
-                                  shard_size=shard_size,
-                                  chunk_size=min(DEFAULT_CHUNK_SIZE, shard_size),
-                                  progress=progress)
+                                  shard_size=shard_size, progress=progress,
+                                  ignore_dataset_classes=ignore_dataset_classes)
     click.echo(f"label set {report.labelset_id}: {report.images_imported} images imported, "
                f"{sum(report.images_failed.values())} failed, {report.shards_written} shards "
                f"written, {report.shards_skipped} already done")
@@ -227,4 +234,5 @@ def demo(directory: Path, store_location: str) -> None:
     options = LabelingOptions(batch_size=16, num_workers=2, shard_size=16, chunk_size=16)
     report = label_dataset(store, "sample", "test_nfnet", checkpoint, 160, 3, options)
     echo_label_report(report, store, "sample")
-    echo_verify_report(store)
+    if not echo_verify_report(store):
+        raise SystemExit(1)

@@ -9,6 +9,7 @@ The public generator centre-cropped the image, which the label set records as ``
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from labeler_service.labeling import check_class_space
 from labeler_service.teacher import imagenet_class_names
 from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
@@ -50,10 +52,13 @@ def read_label_file(path: Path, topk: int, grid: tuple[int, int], num_classes: i
         return ImageStatus.LABEL_FILE_INVALID
     logits = tensor[0].to(torch.float16).numpy()
     classes = tensor[1].float().numpy()
-    ids = np.rint(classes)
-    if (np.abs(classes - ids) > 0).any() or (ids < 0).any() or (ids >= num_classes).any():
+    # NaN fails every comparison, so finiteness is checked first, explicitly.
+    valid = (np.isfinite(logits).all() and np.isfinite(classes).all()
+             and (classes == np.rint(classes)).all()
+             and (classes >= 0).all() and (classes < num_classes).all())
+    if not valid:
         return ImageStatus.LABEL_FILE_INVALID
-    return logits, ids.astype(np.int64)
+    return logits, classes.astype(np.int64)
 
 
 def probe_layout(label_dir: Path, paths: np.ndarray) -> tuple[int, tuple[int, int]]:
@@ -61,9 +66,13 @@ def probe_layout(label_dir: Path, paths: np.ndarray) -> tuple[int, tuple[int, in
     for p in paths:
         f = label_dir / label_file_for(p)
         if f.is_file():
-            tensor = torch.load(f, map_location="cpu", weights_only=True)
-            if tensor.ndim != 4 or tensor.shape[0] != 2:
-                raise ValueError(f"{f}: shape {tuple(tensor.shape)}, expected [2, K, H, W]")
+            try:
+                tensor = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{f} is not a TokenLabeling label file: {e}") from None
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[0] != 2:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
+                raise ValueError(f"{f}: {shape}, expected a tensor of shape [2, K, H, W]")
             return int(tensor.shape[1]), (int(tensor.shape[2]), int(tensor.shape[3]))
     raise FileNotFoundError(f"no label file under {label_dir} matches an image of the dataset "
                             "(expected <image path without suffix>.pt)")
@@ -72,17 +81,17 @@ def probe_layout(label_dir: Path, paths: np.ndarray) -> tuple[int, tuple[int, in
 def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_classes: int = 1000,
                          model: str = "dm_nfnet_f6", input_size: int = 576,
                          shard_size: int = DEFAULT_SHARD_SIZE,
-                         chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int = 8,
-                         progress: bool = True) -> ImportReport:
+                         chunk_size: int | None = None, workers: int = 8,
+                         progress: bool = True,
+                         ignore_dataset_classes: bool = False) -> ImportReport:
     if num_classes > FP16_EXACT_INTEGERS:
         raise ValueError(
             f"TokenLabeling files store class ids as float16, which cannot tell apart ids above "
             f"{FP16_EXACT_INTEGERS}; with {num_classes} classes the imported classes would be "
             "wrong. Regenerate these labels with `labeler label` instead.")
     dataset = store.dataset(dataset_name)
-    if dataset.class_names and len(dataset.class_names) != num_classes:
-        raise ValueError(f"dataset {dataset_name!r} has {len(dataset.class_names)} classes but "
-                         f"the labels are declared with {num_classes} (--num-classes)")
+    if not ignore_dataset_classes:
+        check_class_space(dataset, num_classes)
     manifest = dataset.manifest()
     label_dir = Path(label_dir)
     topk, grid = probe_layout(label_dir, manifest.path)
@@ -91,7 +100,7 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
                           resize="center_crop")
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=teacher, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
-        shard_size=shard_size, chunk_size=chunk_size,
+        shard_size=shard_size, chunk_size=chunk_size or math.gcd(shard_size, DEFAULT_CHUNK_SIZE),
         extra={"source": "tokenlabeling-import", "import_dir": str(label_dir.resolve())}))
     todo = labelset.pending_shards()
     report = ImportReport(labelset.id, shards_skipped=labelset.num_shards - len(todo))

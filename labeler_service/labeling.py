@@ -233,6 +233,7 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
 
 
 def check_class_space(dataset: StoreDataset, num_classes: int) -> None:
+    """Refuse labels whose class count differs from the dataset's ImageFolder classes."""
     if dataset.class_names and len(dataset.class_names) != num_classes:
         raise ClassCountMismatch(
             f"dataset {dataset.name!r} has {len(dataset.class_names)} classes (its image folders) "

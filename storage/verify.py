@@ -37,8 +37,11 @@ def verify_labelset(labelset: LabelSet, fingerprint: str, report: VerifyReport) 
             report.problems.append(f"{where}: {name} has {labelset.array(name).shape[0]} rows, "
                                    f"expected {labelset.num_images}")
             return
-    status = labelset.status()
-    missing = labelset.pending_shards(status)
+    status, torn = labelset.read_status()
+    for shard in torn:
+        report.problems.append(f"{where}: shard {shard}: status object unreadable (a torn "
+                               "write); labeling again rewrites it")
+    missing = [s for s in labelset.pending_shards(status) if s not in torn]
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         report.problems.append(f"{where}: {len(missing)} of {labelset.num_shards} shards "
@@ -47,13 +50,16 @@ def verify_labelset(labelset: LabelSet, fingerprint: str, report: VerifyReport) 
     for code, count in sorted(failed.items()):
         report.notes.append(f"{where}: {count} images failed: {ImageStatus(code).description}")
     # A shard marked done must hold labels for every image it calls labeled.
-    for shard in range(labelset.num_shards):
-        if shard in missing:
+    logits, classes = labelset.array("logits"), labelset.array("classes")
+    for shard in sorted(set(range(labelset.num_shards)) - set(missing) - set(torn)):
+        start, stop = labelset.shard_range(shard)
+        labeled = status[start:stop] == ImageStatus.LABELED
+        try:
+            bad = labeled & (~np.isfinite(logits[start:stop]).all(axis=(1, 2, 3))
+                             | (classes[start:stop] < 0).any(axis=(1, 2, 3)))
+        except Exception as e:
+            report.problems.append(f"{where}: shard {shard}: labels unreadable ({e})")
             continue
-        block = labelset.read_shard(shard)
-        labeled = block.status == ImageStatus.LABELED
-        bad = labeled & (~np.isfinite(block.logits).all(axis=(1, 2, 3))
-                         | (block.classes < 0).any(axis=(1, 2, 3)))
         if bad.any():
             report.problems.append(f"{where}: shard {shard}: {int(bad.sum())} images marked "
                                    "labeled have no labels")

@@ -100,3 +100,69 @@ def test_demo_runs_the_quickstart(run, tmp_path: Path):
     assert "sample: registered: 24 images, 3 classes" in out
     assert "24 images labeled, 0 failed" in out and "store is consistent" in out
     assert "already registered" in run("demo")  # and again, idempotently
+
+
+def shard_object(tmp_path: Path, array: str, shard: int) -> Path:
+    (labels,) = (p for p in (tmp_path / "store" / "datasets" / "toy" / "labels").iterdir()
+                 if p.is_dir())
+    suffix = "/0/0/0" if array in ("logits", "classes") else ""
+    return labels / array / "c" / f"{shard}{suffix}"
+
+
+def test_verify_finds_shards_marked_done_without_labels(run, images: Path, checkpoint: Path,
+                                                        tmp_path: Path):
+    run("datasets", "add", "toy", str(images))
+    run(*label_args(checkpoint))
+    shard_object(tmp_path, "logits", 1).unlink()
+    assert "shard 1: 4 images marked labeled have no labels" in run("store", "verify", code=1)
+
+
+def test_torn_shard_objects_are_reported_and_relabeled(run, images: Path, checkpoint: Path,
+                                                       tmp_path: Path):
+    run("datasets", "add", "toy", str(images))
+    run(*label_args(checkpoint))
+    clean = {p.relative_to(tmp_path): p.read_bytes()
+             for p in (tmp_path / "store").rglob("c/*") if p.is_file()}
+    for array in ("status", "logits"):  # as a crash mid-write on a non-atomic store leaves them
+        torn = shard_object(tmp_path, array, 3)
+        torn.write_bytes(torn.read_bytes()[:7])
+    out = run("store", "verify", code=1)
+    assert "shard 3: status object unreadable (a torn write)" in out
+
+    assert "1 shards written, 4 already done" in run(*label_args(checkpoint))
+    assert "store is consistent" in run("store", "verify")
+    relabeled = {p.relative_to(tmp_path): p.read_bytes()
+                 for p in (tmp_path / "store").rglob("c/*") if p.is_file()}
+    assert relabeled == clean  # the same labels, byte for byte
+
+
+def test_a_job_where_nothing_can_be_labeled_fails(run, images: Path, checkpoint: Path,
+                                                  tmp_path: Path):
+    run("datasets", "add", "toy", str(images))
+    for image in images.rglob("*.jpg"):
+        image.write_bytes(b"")
+    out = run(*label_args(checkpoint), code=1)
+    assert "18 x empty file" in out and "no image could be labeled" in out
+
+
+def test_unreachable_images_are_refused_before_labeling(run, images: Path, checkpoint: Path,
+                                                        tmp_path: Path):
+    run("datasets", "add", "toy", str(images))
+    images.rename(tmp_path / "moved")
+    assert "are not reachable (unmounted or moved?)" in run(*label_args(checkpoint), code=1)
+    assert Store.open("store").dataset("toy").labelset_ids() == []
+
+
+def test_retry_failed_relabels_fixed_images(run, images: Path, checkpoint: Path, tmp_path: Path):
+    broken = images / "squares" / "0001.jpg"
+    original = broken.read_bytes()
+    run("datasets", "add", "toy", str(images))
+    broken.write_bytes(original[:100])  # truncated after registration: changed, and unreadable
+    assert "17 images labeled, 1 failed" in run(*label_args(checkpoint))
+    assert "0 shards written, 5 already done" in run(*label_args(checkpoint))
+    broken.write_bytes(original)
+    out = run(*label_args(checkpoint), "--retry-failed")
+    assert "4 images labeled, 0 failed, 1 shards written, 4 already done" in out
+    status = Store.open("store").labelset(
+        Store.open("store").dataset("toy").labelset_ids()[0]).status()
+    assert (status == 0).all()

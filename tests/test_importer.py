@@ -76,7 +76,25 @@ def test_import_refuses_what_fp16_cannot_hold_and_class_mismatch(
     write_tokenlabeling_files(images, labels, np.random.default_rng(1))
     with pytest.raises(ValueError, match="above 2048"):
         import_tokenlabeling(store, "toy", labels, num_classes=5000, progress=False)
-    with pytest.raises(ValueError, match="has 3 classes but the labels are declared with 1000"):
+    with pytest.raises(ValueError, match=r"has 3 classes .* teacher has 1000 outputs"):
         import_tokenlabeling(store, "toy", labels, num_classes=1000, progress=False)
     with pytest.raises(FileNotFoundError, match="no label file"):
         import_tokenlabeling(store, "toy", tmp_path / "empty", num_classes=3, progress=False)
+
+
+def test_import_refuses_non_finite_values(store: Store, images: Path, tmp_path: Path):
+    store.add_dataset("toy", images)
+    labels = tmp_path / "labels"
+    written = write_tokenlabeling_files(images, labels, np.random.default_rng(2))
+    nan_class = written["circles/0000.jpg"].clone()
+    nan_class[1, 1, 2, 0] = float("nan")  # NaN passes every range comparison
+    torch.save(nan_class, labels / "circles" / "0000.pt")
+    inf_logit = written["circles/0001.jpg"].clone()
+    inf_logit[0, 0, 0, 0] = float("inf")
+    torch.save(inf_logit, labels / "circles" / "0001.pt")
+    report = import_tokenlabeling(store, "toy", labels, num_classes=3, shard_size=100,
+                                  progress=False)
+    assert report.images_failed == {ImageStatus.LABEL_FILE_INVALID: 2}
+    labelset = store.labelset(report.labelset_id)
+    assert labelset.attrs["chunk_size"] == 4  # a chunk size that divides the shard size
+    assert (labelset.status()[:2] == ImageStatus.LABEL_FILE_INVALID).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -80,3 +81,28 @@ def test_heads_other_than_avg_pool_linear_are_refused():
     headless = timm.create_model("test_nfnet", pretrained=False, num_classes=0)
     with pytest.raises(TeacherError, match="not a linear layer"):
         DenseTeacher(headless)
+
+
+def test_labels_stay_float32_under_autocast(checkpoint: Path):
+    """The CUDA path runs the backbone under autocast; CPU bf16 autocast exercises the same code."""
+    from labeler_service.labeling import TeacherRunner
+
+    teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    exact = teacher.summarise(x, topk=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = teacher.summarise(x, topk=2)
+    for name in ("logits", "lse", "global_logits"):
+        assert getattr(out, name).dtype == torch.float32, name
+    torch.testing.assert_close(out.lse, exact.lse, rtol=0.05, atol=0.05)
+
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "bf16")
+    logits, classes, lse, global_logits, global_classes = runner(pixels)
+    assert (logits.dtype, classes.dtype, lse.dtype) == (np.float16, np.int16, np.float32)
+    assert global_logits.shape == (3, 2) and global_classes.dtype == np.int16
+
+
+def test_input_size_must_tile_the_stride(checkpoint: Path):
+    with pytest.raises(TeacherError, match="not a multiple of test_nfnet's stride 32"):
+        build_teacher("test_nfnet", checkpoint, 100)
