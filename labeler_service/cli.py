@@ -101,8 +101,9 @@ def datasets_list(store_location: str) -> None:
               show_default=True, help="Autocast dtype on CUDA (the head and lse are always fp32).")
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE,
               show_default=True, help="Images per shard (new label sets only).")
-@click.option("--chunk-size", type=click.IntRange(1), default=DEFAULT_CHUNK_SIZE,
-              show_default=True, help="Images per inner chunk (new label sets only).")
+@click.option("--chunk-size", type=click.IntRange(1), default=None,
+              help=f"Images per inner chunk, dividing --shard-size (new label sets only; "
+                   f"default: the largest divisor <= {DEFAULT_CHUNK_SIZE}).")
 @click.option("--part", default="0/1", show_default=True,
               help="i/n: label only shards s with s %% n == i (for several processes).")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
@@ -115,7 +116,7 @@ def datasets_list(store_location: str) -> None:
 @user_errors
 def label(dataset: str, model: str, checkpoint: Path | None, random_weights: bool,
           input_size: int, topk: int, store_location: str, device: str, batch_size: int,
-          workers: int, precision: str, shard_size: int, chunk_size: int, part: str,
+          workers: int, precision: str, shard_size: int, chunk_size: int | None, part: str,
           max_pixels: int | None, ignore_dataset_classes: bool, retry_failed: bool,
           progress: bool) -> None:
     """Label DATASET with a dense teacher, in this process (resumable)."""

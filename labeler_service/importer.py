@@ -9,7 +9,6 @@ The public generator centre-cropped the image, which the label set records as ``
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from labeler_service.labeling import check_class_space
 from labeler_service.teacher import imagenet_class_names
 from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
-from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
+from storage.labelset import DEFAULT_SHARD_SIZE
 
 FP16_EXACT_INTEGERS = 2048  # float16 holds every integer up to 2048, and not all above
 
@@ -100,7 +99,7 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
                           resize="center_crop")
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=teacher, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
-        shard_size=shard_size, chunk_size=chunk_size or math.gcd(shard_size, DEFAULT_CHUNK_SIZE),
+        shard_size=shard_size, chunk_size=chunk_size,
         extra={"source": "tokenlabeling-import", "import_dir": str(label_dir.resolve())}))
     todo = labelset.pending_shards()
     report = ImportReport(labelset.id, shards_skipped=labelset.num_shards - len(todo))

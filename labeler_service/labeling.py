@@ -26,7 +26,7 @@ from labeler_service.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_ima
 from labeler_service.teacher import DenseTeacher, build_teacher
 from storage import Dataset as StoreDataset
 from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store, class_dtype
-from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
+from storage.labelset import DEFAULT_SHARD_SIZE
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -46,7 +46,7 @@ class LabelingOptions:
     precision: str = "bf16"  # autocast dtype on CUDA: bf16, fp16 or fp32 (none); CPU: fp32
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_size: int = DEFAULT_SHARD_SIZE
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None  # None: the store's default for the shard size
     progress: bool = True
 
 
