@@ -338,9 +338,10 @@ class LabelSet:
         if not 0 <= start <= stop <= self.num_images:
             raise IndexError(f"[{start}, {stop}) is outside [0, {self.num_images})")
 
+        arrays = [self.array(name).async_array for name in ARRAY_NAMES]  # opened outside the loop
+
         async def read_all() -> list[np.ndarray]:
-            return await asyncio.gather(*(self.array(name).async_array.getitem(slice(start, stop))
-                                          for name in ARRAY_NAMES))
+            return await asyncio.gather(*(a.getitem(slice(start, stop)) for a in arrays))
 
         return LabelBlock(start, **dict(zip(ARRAY_NAMES, sync(read_all()), strict=True)))
 
