@@ -34,6 +34,21 @@ def assert_same_labels(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def label_args(checkpoint: Path, input_size: int, batch_size: int, shard_size: int,
+               chunk_size: int) -> list[str]:
+    return ["label", "toy", "--model", "test_nfnet", "--checkpoint", str(checkpoint),
+            "--input-size", str(input_size), "--topk", "2", "--batch-size", str(batch_size),
+            "--shard-size", str(shard_size), "--chunk-size", str(chunk_size), "--workers", "0",
+            "--no-progress"]
+
+
+def two_stores(tmp_path: Path, images: Path, *names: str) -> list[Path]:
+    """Stores with dataset "toy" registered, one per name."""
+    for name in names:
+        Store.open(tmp_path / name).add_dataset("toy", images)
+    return [tmp_path / name for name in names]
+
+
 def labeler(*args: str, store: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "labeler_service", *args, "--store", str(store)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,13 +89,9 @@ def test_rerun_skips_finished_shards_and_rewrites_nothing(
 @pytest.mark.slow
 def test_two_processes_on_disjoint_shards_lose_nothing(
         tmp_path: Path, images: Path, checkpoint: Path):
-    clean, shared = tmp_path / "clean", tmp_path / "shared"
-    for location in (clean, shared):
-        Store.open(location).add_dataset("toy", images)
+    clean, shared = two_stores(tmp_path, images, "clean", "shared")
     # Batches of 2 in shards of 3: shards take several batches, and batches never cross them.
-    common = ["label", "toy", "--model", "test_nfnet", "--checkpoint", str(checkpoint),
-              "--input-size", "96", "--topk", "2", "--batch-size", "2", "--shard-size", "3",
-              "--chunk-size", "1", "--workers", "0", "--no-progress"]
+    common = label_args(checkpoint, input_size=96, batch_size=2, shard_size=3, chunk_size=1)
     procs = [labeler(*common, "--part", f"{i}/2", store=shared) for i in range(2)]
     procs.append(labeler(*common, store=clean))
     outputs = []
@@ -101,12 +112,8 @@ def test_two_processes_on_disjoint_shards_lose_nothing(
 def test_killed_run_resumed_equals_clean_run(tmp_path: Path, checkpoint: Path):
     images = make_sample_images(tmp_path / "images", per_class=12)
     (images / "circles" / "0000.jpg").unlink()  # 35 images: 18 shards, the last one short
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    for location in (killed, clean):
-        Store.open(location).add_dataset("toy", images)
-    args = ["label", "toy", "--model", "test_nfnet", "--checkpoint", str(checkpoint),
-            "--input-size", "256", "--topk", "2", "--batch-size", "1", "--shard-size", "2",
-            "--chunk-size", "2", "--workers", "0", "--no-progress"]
+    killed, clean = two_stores(tmp_path, images, "killed", "clean")
+    args = label_args(checkpoint, input_size=256, batch_size=1, shard_size=2, chunk_size=2)
 
     proc = labeler(*args, store=killed)
     deadline = time.monotonic() + 120
