@@ -55,7 +55,12 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from labeler_service.images import decode_image
-from labeler_service.labeling import AUTOCAST_DTYPES, LabelingOptions, label_dataset
+from labeler_service.labeling import (
+    AUTOCAST_DTYPES,
+    LabelingOptions,
+    default_workers,
+    label_dataset,
+)
 from labeler_service.sample import SAMPLE_CLASSES, draw_sample, make_random_checkpoint
 from labeler_service.teacher import build_teacher
 from storage import Store
@@ -236,7 +241,8 @@ def run(args) -> dict:
         "config": {
             "model": args.model, "input_size": args.input_size, "grid": list(bare.grid),
             "topk": args.topk, "images": n, "batch_size": args.batch_size,
-            "workers": args.workers, "device": args.device, "precision": args.precision,
+            "workers": (default_workers(torch.device(args.device)) if args.workers is None
+                        else args.workers), "device": args.device, "precision": args.precision,
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else f"cpu x{os.cpu_count()}"),
             "torch_threads": torch.get_num_threads(), "shard_size": args.shard_size,
@@ -303,8 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=224, help="teacher input side in px")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="decoding processes of the job (the `labeler label` default)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes of the job (default: labeler's default_workers)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")

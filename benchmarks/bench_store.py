@@ -271,7 +271,15 @@ def bench_store(root: Path, labels: dict[str, np.ndarray], manifest: Manifest, a
         for shard in range(ls.num_shards):
             ls.read_shard(shard)
 
+    def read_all_one_array_at_a_time(ls: LabelSet = reader) -> None:
+        # What read_shard did before it read the six arrays concurrently, for comparison.
+        for shard in range(ls.num_shards):
+            start, stop = ls.shard_range(shard)
+            for name in ARRAY_NAMES:
+                ls.array(name)[start:stop]
+
     times = timed_passes(read_all, args.repeats)
+    serial_times = timed_passes(read_all_one_array_at_a_time, args.repeats)
     t0 = time.perf_counter()
     for i in random_ids:
         reader.read_image(int(i))
@@ -293,6 +301,7 @@ def bench_store(root: Path, labels: dict[str, np.ndarray], manifest: Manifest, a
         "store_bytes_per_image_allocated_with_manifest": whole["allocated"] / n,
         "write_img_s": n / write_s,
         "seq_read_img_s": n / seq_s, "seq_read_s": times,
+        "seq_read_serial_arrays_img_s": n / statistics.median(serial_times),
         "random_read_img_s": len(random_ids) / random_s,
     }
 
@@ -371,6 +380,11 @@ def print_table(out: dict) -> None:
                   f"{st['bytes_ratio_allocated']:>10.2f} {st['seq_read_ratio']:>9.1f} "
                   f"{st['random_read_ratio']:>9.2f}")
     print()
+    print("store sequential reads, arrays read concurrently (read_shard) vs one after another:")
+    for res in out["results"]:
+        for st in res["store"]:
+            print(f"  {res['data']:<7} c={st['chunk_size']:<5} {st['seq_read_img_s']:>9.0f} vs "
+                  f"{st['seq_read_serial_arrays_img_s']:>9.0f} img/s")
     print("store bytes/image (allocated) by array:")
     for res in out["results"]:
         for st in res["store"]:

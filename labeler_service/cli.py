@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,8 +94,9 @@ def datasets_list(store_location: str) -> None:
 @store_option
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=min(8, os.cpu_count() or 1),
-              show_default=True, help="Image decoding processes.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Image decoding processes (default: on CUDA min(8, cores - 1); on CPU "
+                   "cores / 4, at least 1, since the teacher uses every core).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
               show_default=True, help="Autocast dtype on CUDA (the head and lse are always fp32).")
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE,
@@ -116,7 +116,7 @@ def datasets_list(store_location: str) -> None:
 @user_errors
 def label(dataset: str, model: str, checkpoint: Path | None, random_weights: bool,
           input_size: int, topk: int, store_location: str, device: str, batch_size: int,
-          workers: int, precision: str, shard_size: int, chunk_size: int | None, part: str,
+          workers: int | None, precision: str, shard_size: int, chunk_size: int | None, part: str,
           max_pixels: int | None, ignore_dataset_classes: bool, retry_failed: bool,
           progress: bool) -> None:
     """Label DATASET with a dense teacher, in this process (resumable)."""
