@@ -48,7 +48,7 @@ def read_image_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, scaling high bit depths rather than clipping them."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)  # float64 would double a 16-bit bomb's memory
         if img.mode.startswith("I;16"):
             # 16 bits by construction: guessing from the values would brighten a dark picture
             # (all values <= 255) by 257x.
