@@ -66,6 +66,13 @@ class LabelingReport:
     def images_done(self) -> int:
         return self.images_labeled + sum(self.images_failed.values())
 
+    def count_shard(self, status: np.ndarray) -> None:
+        self.shards_written += 1
+        self.images_labeled += int((status == ImageStatus.LABELED).sum())
+        codes, counts = np.unique(status[status > 0], return_counts=True)
+        for code, count in zip(codes, counts, strict=True):
+            self.images_failed[ImageStatus(int(code))] += int(count)
+
 
 class ImageFileDataset(Dataset):
     """Decodes manifest image i into uint8 [S, S, 3]; failures come back as a status and reason.
@@ -211,13 +218,8 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
                     getattr(block, name)[rows[ok]] = values[ok]
             block.status[rows] = batch.status
             filled += len(rows)
-
-            report.images_labeled += int(ok.sum())
-            for i in np.flatnonzero(~ok):
-                report.images_failed[ImageStatus(int(batch.status[i]))] += 1
-                if len(report.failures) < 100:
-                    report.failures.append((str(manifest.path[batch.indices[i]]),
-                                            batch.reasons[i]))
+            for i in np.flatnonzero(~ok)[:max(0, 100 - len(report.failures))]:
+                report.failures.append((str(manifest.path[batch.indices[i]]), batch.reasons[i]))
             bar.update(len(rows))
 
             if filled == len(block):
@@ -225,11 +227,12 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
                     pending.remove(f)
                     f.result()
                 pending.append(writer.submit(finish, shard, block))
-                report.shards_written += 1
+                report.count_shard(block.status)
                 block = None
-                if should_stop is not None and should_stop():
-                    report.stopped = True
-                    break
+            if should_stop is not None and should_stop():
+                report.stopped = True
+                block = None  # an unfinished shard is dropped: it stays pending, nothing is lost
+                break
         if block is not None:  # batches tile shards exactly; a leftover would be lost silently
             raise RuntimeError(f"shard of block {block.start} ended unfinished")
     finally:

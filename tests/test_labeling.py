@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -167,4 +168,10 @@ def test_should_stop_ends_between_shards(store: Store, images: Path, checkpoint:
     stopped = label_shards(labelset, dataset, runner, [1, 2, 3, 4], OPTIONS,
                            should_stop=lambda: True)
     assert stopped.stopped and stopped.shards_written == 1
+    assert labelset.pending_shards() == [2, 3, 4]
+
+    # Stopping between two batches of one shard drops that shard, unwritten: it stays pending.
+    halves = dataclasses.replace(OPTIONS, batch_size=2)
+    stopped = label_shards(labelset, dataset, runner, [2, 3, 4], halves, should_stop=lambda: True)
+    assert stopped.stopped and (stopped.shards_written, stopped.images_done) == (0, 0)
     assert labelset.pending_shards() == [2, 3, 4]
