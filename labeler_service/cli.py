@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,6 +210,43 @@ def import_tokenlabeling_cmd(dataset: str, directory: Path, store_location: str,
                f"written, {report.shards_skipped} already done")
     for status, count in sorted(report.images_failed.items()):
         click.echo(f"  {count} x {status.description}")
+
+
+# -- service --------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="uvicorn worker processes.")
+def api(host: str, port: int, workers: int) -> None:
+    """Serve the REST API (settings from LABELER_* environment variables)."""
+    import uvicorn
+
+    uvicorn.run("labeler_service.api.main:create_app", factory=True, host=host, port=port,
+                workers=workers, proxy_headers=True, log_level="info")
+
+
+@main.command()
+@click.option("--gpu", type=click.IntRange(0), default=None,
+              help="Pin this worker to GPU N (sets CUDA_VISIBLE_DEVICES=N). One worker per GPU.")
+@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+              help="Task processes; keep 1 per GPU.")
+@click.option("--name", default=None, help="Worker name (default: gpuN@host or cpu@host).")
+@click.option("--loglevel", default=None, help="Default: LABELER_LOG_LEVEL.")
+def worker(gpu: int | None, concurrency: int, name: str | None, loglevel: str | None) -> None:
+    """Run a Celery worker on the labeling queue (settings from LABELER_* variables)."""
+    if gpu is not None:
+        # Before anything can initialise CUDA: the pool's children load the teacher lazily.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    from labeler_service.settings import get_settings
+    from labeler_service.tasks import QUEUE, app
+
+    settings = get_settings()
+    hostname = name or (f"gpu{gpu}@%h" if gpu is not None else "cpu@%h")
+    app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}", "-Q", QUEUE,
+                     f"--hostname={hostname}", f"--loglevel={loglevel or settings.log_level}",
+                     "--without-gossip", "--without-mingle"])
 
 
 # -- quickstart -------------------------------------------------------------------------------

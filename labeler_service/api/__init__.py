@@ -1,0 +1,1 @@
+"""The labeling REST API (FastAPI): ``create_app()`` builds it, ``labeler api`` serves it."""

@@ -1,0 +1,109 @@
+"""The FastAPI application: ``create_app()``; served by ``labeler api``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from labeler_service.api import problems
+from labeler_service.api.deps import require_api_key
+from labeler_service.api.metrics import Metrics
+from labeler_service.api.routes import datasets, health, jobs, labelsets
+from labeler_service.jobs import JobStore
+from labeler_service.settings import Settings, get_settings
+from labeler_service.tasks import app as celery_app
+from labeler_service.tasks import configure
+from storage import Store
+
+log = logging.getLogger(__name__)
+
+
+class BodySizeLimit:
+    """413 for request bodies over the limit, declared (Content-Length) or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problems.problem(413, f"request body over {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        configure(celery_app, settings)  # jobs go to this app's Redis, whatever the environment
+        app.state.settings = settings
+        app.state.api_keys = [k.encode() for k in settings.api_key_list()]
+        if not app.state.api_keys:
+            log.warning("no API keys configured (LABELER_API_KEYS): every /v1 request gets 401")
+        app.state.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                               socket_timeout=5, health_check_interval=30)
+        app.state.store = Store.open(settings.store)
+        app.state.jobs = JobStore(app.state.redis, app.state.store, settings.job_ttl_seconds)
+        try:
+            recovered = app.state.jobs.recover_all()
+            if recovered:
+                log.warning("recovered %d jobs Redis had lost: %s", len(recovered), recovered)
+        except redis.RedisError as e:
+            log.error("Redis unreachable at start (%s); /readyz will say so", e)
+        yield
+        app.state.redis.close()
+
+    app = FastAPI(
+        title="tokenlabel labeler",
+        version="1",
+        summary="Dense token labels from a CNN teacher, as a service.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    metrics = Metrics()
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def count_requests(request, call_next):
+        began = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe_request(request.method, getattr(route, "path", "unmatched"),
+                                response.status_code, time.perf_counter() - began)
+        return response
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    secured = [Depends(require_api_key)]
+    for module in (datasets, jobs, labelsets):
+        app.include_router(module.router, prefix="/v1", dependencies=secured)
+    return app

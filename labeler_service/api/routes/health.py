@@ -1,0 +1,42 @@
+"""Liveness, readiness and metrics: no API key (probes and scrapers have none)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from labeler_service.api.deps import RedisDep, StoreDep
+from labeler_service.api.problems import problem
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_class=PlainTextResponse)
+def healthz() -> str:
+    """The process is up."""
+    return "ok"
+
+
+@router.get("/readyz", response_class=PlainTextResponse,
+            responses={503: {"description": "Redis or the store is unreachable"}})
+def readyz(client: RedisDep, store: StoreDep) -> Response:
+    """Redis answers and the store is readable."""
+    failures = []
+    try:
+        client.ping()
+    except Exception as e:
+        failures.append(f"redis: {e}")
+    try:
+        store.dataset_names()
+    except Exception as e:
+        failures.append(f"store: {e}")
+    if failures:
+        return problem(503, "; ".join(failures))
+    return PlainTextResponse("ready")
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request, client: RedisDep) -> Response:
+    """Prometheus text format."""
+    return Response(request.app.state.metrics.render(client), media_type=CONTENT_TYPE_LATEST)

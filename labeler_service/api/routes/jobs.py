@@ -1,0 +1,121 @@
+"""``/v1/jobs``: submit, poll, list and cancel labeling jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
+
+from labeler_service.api.deps import JobsDep, RedisDep, SettingsDep, StoreDep
+from labeler_service.api.routes.datasets import find_dataset
+from labeler_service.api.schemas import JobCreate, JobOut, JobPage
+from labeler_service.jobs import Job, JobStore
+from labeler_service.paths import PathOutsideRoot, resolve_inside
+from labeler_service.tasks import enqueue_plan
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+RETRY_AFTER_SECONDS = "2"
+IDEMPOTENCY_TTL = 24 * 3600
+JOB_ID_PATH = Path(pattern=r"^job-[0-9a-f]+-[0-9a-f]+$", max_length=64)
+
+
+def with_retry_after(job: Job, response: Response) -> JobOut:
+    if not job.finished:
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return JobOut.of(job)
+
+
+def find_job(jobs: JobStore, job_id: str) -> Job:
+    job = jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job
+
+
+def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep) -> None:
+    import timm
+
+    find_dataset(store, body.dataset)
+    try:
+        checkpoint = resolve_inside(settings.checkpoint_root, body.teacher.checkpoint)
+    except PathOutsideRoot as e:
+        raise HTTPException(400, str(e)) from None
+    if not checkpoint.is_file():
+        raise HTTPException(422, f"no checkpoint {body.teacher.checkpoint!r} under the "
+                                 "checkpoint root")
+    if body.teacher.model not in timm.list_models():
+        raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
+
+
+def claim_idempotency_key(client: RedisDep, key: str, fingerprint: str) -> str | None:
+    """The job id an earlier request with this key made, or None if this request is the first."""
+    redis_key = f"labeler:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+    if client.set(redis_key, json.dumps({"body": fingerprint, "job": ""}), nx=True,
+                  ex=IDEMPOTENCY_TTL):
+        return None
+    seen = json.loads(client.get(redis_key) or "{}")
+    if seen.get("body") != fingerprint:
+        raise HTTPException(422, "this Idempotency-Key was used with another request body")
+    if not seen.get("job"):
+        raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
+    return seen["job"]
+
+
+def record_idempotency_key(client: RedisDep, key: str, fingerprint: str, job_id: str) -> None:
+    redis_key = f"labeler:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+    client.set(redis_key, json.dumps({"body": fingerprint, "job": job_id}), ex=IDEMPOTENCY_TTL)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses={400: {"description": "Checkpoint path outside its root"},
+                        404: {"description": "No such dataset"},
+                        409: {"description": "Same Idempotency-Key still in progress"},
+                        422: {"description": "Invalid request, or Idempotency-Key reused with "
+                                             "another body"}})
+def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store: StoreDep,
+               jobs: JobsDep, client: RedisDep,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
+    """Queue a labeling job; poll the ``Location`` it answers with."""
+    check_request(body, settings, store)
+    request = body.model_dump(exclude={"dataset"})
+    fingerprint = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        earlier = claim_idempotency_key(client, idempotency_key, fingerprint)
+        if earlier is not None:
+            job = find_job(jobs, earlier)
+            response.headers["Location"] = f"/v1/jobs/{job.id}"
+            return with_retry_after(job, response)
+    job = jobs.create(body.dataset, request)
+    if idempotency_key:
+        record_idempotency_key(client, idempotency_key, fingerprint, job.id)
+    enqueue_plan(job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return with_retry_after(job, response)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(jobs: JobsDep, page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+              page_token: Annotated[str | None, Query(max_length=512)] = None) -> JobPage:
+    """Newest first; pass ``next_page_token`` back as ``page_token`` for the next page."""
+    try:
+        page, token = jobs.page(page_size, page_token)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    return JobPage(jobs=[JobOut.of(j) for j in page], next_page_token=token)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "Not found"}})
+def get_job(job_id: Annotated[str, JOB_ID_PATH], jobs: JobsDep, response: Response) -> JobOut:
+    return with_retry_after(find_job(jobs, job_id), response)
+
+
+@router.post("/{job_id}:cancel", response_model=JobOut,
+             responses={404: {"description": "Not found"}})
+def cancel_job(job_id: Annotated[str, JOB_ID_PATH], jobs: JobsDep, response: Response) -> JobOut:
+    """Best effort: workers stop between batches; a finished job keeps its state."""
+    job = jobs.request_cancel(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return with_retry_after(job, response)

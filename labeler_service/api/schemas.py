@@ -1,0 +1,113 @@
+"""Request and response bodies of the REST API: every schema in one place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from labeler_service.jobs import Job
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+
+
+class DatasetCreate(Request):
+    name: str = Field(pattern=NAME_PATTERN, examples=["imagenet-train"])
+    path: str = Field(min_length=1, max_length=4096, examples=["imagenet/train"],
+                      description="Directory relative to the server's data root.")
+
+
+class DatasetOut(BaseModel):
+    name: str
+    num_images: int
+    class_names: list[str]
+    fingerprint: str
+    created_at: str
+    labelsets: list[str]
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class TeacherRequest(Request):
+    model: str = Field(pattern=r"^[a-z0-9_.]{1,64}$", examples=["dm_nfnet_f6"])
+    checkpoint: str = Field(min_length=1, max_length=4096, examples=["dm_nfnet_f6.safetensors"],
+                            description="File relative to the server's checkpoint root.")
+    input_size: int = Field(ge=32, le=2048, examples=[576])
+
+
+class JobCreate(Request):
+    dataset: str = Field(pattern=NAME_PATTERN)
+    teacher: TeacherRequest
+    topk: int = Field(5, ge=1, le=1000)
+    ignore_dataset_classes: bool = False
+
+
+class Progress(BaseModel):
+    images_done: int
+    images_total: int
+    images_failed: int
+    shards_done: int
+    shards_total: int
+
+
+class JobOut(BaseModel):
+    id: str
+    state: str = Field(description="queued, running, succeeded, failed or cancelled")
+    progress: Progress
+    labelset: str | None
+    dataset: str
+    request: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        def when(ts: float | None) -> datetime | None:
+            return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+        return cls(
+            id=job.id, state=job.state, labelset=job.labelset, dataset=job.dataset,
+            request=job.request, created_at=when(job.created_at), started_at=when(job.started_at),
+            finished_at=when(job.finished_at), error=job.error,
+            progress=Progress(images_done=job.images_done, images_total=job.images_total,
+                              images_failed=job.images_failed, shards_done=job.shards_done,
+                              shards_total=job.shards_total))
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_page_token: str = Field(description="Empty at the end.")
+
+
+class LabelSetOut(BaseModel):
+    id: str
+    dataset: str
+    num_images: int
+    num_shards: int
+    shards_done: int
+    complete: bool
+    attrs: dict[str, Any]
+
+
+class ImageLabels(BaseModel):
+    labelset: str
+    index: int
+    path: str
+    status: int
+    status_description: str
+    grid: list[int]
+    topk: int
+    logits: list[list[list[float | None]]] = Field(description="[K][H][W], descending along K")
+    classes: list[list[list[int]]]
+    lse: list[list[float | None]] = Field(description="[H][W]; null when unknown (imported)")
+    global_logits: list[float | None]
+    global_classes: list[int]

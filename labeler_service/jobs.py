@@ -1,0 +1,279 @@
+"""Labeling jobs: live state and progress counters in Redis, the durable record in the store.
+
+Redis holds what changes fast (state, counters, cancel flags, idempotency keys, the job index).
+The store holds what must survive Redis being emptied: each job's request (``jobs/<id>`` attrs)
+and, above all, the label set's per-shard completion records, the source of truth for what is
+done. A job missing from Redis but present in the store is recovered: re-created in Redis and
+planned again, which counts finished shards from the store and queues only the missing ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from storage import Store
+
+PREFIX = "labeler:"
+ACTIVE_STATES = ("queued", "running")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+STATES = ACTIVE_STATES + TERMINAL_STATES
+
+# Record one finished shard, once: SADD makes a redelivered or repeated shard count nothing.
+# Returns -1 if the job is gone (Redis emptied), 0 if already counted, 1 if counted, 2 if it was
+# the last shard and the job has just succeeded.
+_SHARD_DONE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'images_done', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[1], 'images_failed', tonumber(ARGV[3]))
+local done = redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+local total = tonumber(redis.call('HGET', KEYS[1], 'shards_total') or '-1')
+if done >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'succeeded', 'finished_at', ARGV[4])
+  return 2
+end
+return 1
+"""
+# Move an active job to a terminal state; a job already finished keeps its state.
+_FINISH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], 'error', ARGV[3])
+return 1
+"""
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def new_job_id() -> str:
+    return f"job-{int(time.time() * 1000):x}-{secrets.token_hex(6)}"
+
+
+@dataclass
+class Job:
+    id: str
+    dataset: str
+    request: dict[str, Any]  # {"teacher": {...}, "topk": k}
+    state: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    labelset: str | None = None
+    error: str | None = None
+    images_total: int = 0
+    images_done: int = 0
+    images_failed: int = 0
+    shards_total: int = 0
+    shards_done: int = 0
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        def opt_float(key: str) -> float | None:
+            return float(h[key]) if h.get(key) else None
+
+        return cls(
+            id=h["id"], dataset=h["dataset"], request=json.loads(h["request"]), state=h["state"],
+            created_at=float(h["created_at"]), started_at=opt_float("started_at"),
+            finished_at=opt_float("finished_at"), labelset=h.get("labelset") or None,
+            error=h.get("error") or None,
+            **{k: int(h.get(k, 0)) for k in ("images_total", "images_done", "images_failed",
+                                             "shards_total", "shards_done")},
+            cancel_requested=h.get("cancel") == "1",
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class JobStore:
+    """Jobs in Redis, mirrored to ``jobs/<id>`` in the label store."""
+
+    def __init__(self, client: redis.Redis, store: Store, ttl_seconds: int = 7 * 86400):
+        self.r = client
+        self.store = store
+        self.ttl = ttl_seconds
+        self._shard_done = client.register_script(_SHARD_DONE)
+        self._finish = client.register_script(_FINISH)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    @staticmethod
+    def done_key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}:shards"
+
+    INDEX = f"{PREFIX}jobs"
+
+    # -- creation and reads -----------------------------------------------------------------
+
+    def create(self, dataset: str, request: dict[str, Any], job_id: str | None = None,
+               created_at: float | None = None) -> Job:
+        job = Job(id=job_id or new_job_id(), dataset=dataset, request=request, state="queued",
+                  created_at=created_at or now())
+        self._write_record(job)
+        pipe = self.r.pipeline()
+        pipe.hset(self.key(job.id), mapping={
+            "id": job.id, "dataset": dataset, "request": json.dumps(request, sort_keys=True),
+            "state": job.state, "created_at": job.created_at})
+        pipe.zadd(self.INDEX, {job.id: job.created_at})
+        pipe.execute()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        h = self.r.hgetall(self.key(job_id))
+        if h:
+            return Job.from_hash(h)
+        return self.recover(job_id)
+
+    def page(self, page_size: int, token: str | None) -> tuple[list[Job], str]:
+        """Newest first. The token is an opaque cursor (created_at, id) of the last job seen."""
+        max_score: str | float = "+inf"
+        after_id = None
+        if token:
+            score, after_id = decode_token(token)
+            max_score = score
+        ids: list[str] = []
+        offset = 0
+        while len(ids) < page_size + 1:
+            batch = self.r.zrevrangebyscore(self.INDEX, max_score, "-inf", start=offset,
+                                            num=page_size + 1, withscores=True)
+            if not batch:
+                break
+            offset += len(batch)
+            for job_id, score in batch:
+                if after_id is not None and score == float(max_score) and job_id >= after_id:
+                    continue  # at or before the cursor among jobs created in the same ms
+                ids.append(job_id)
+        jobs = [j for j in (self.get(i) for i in ids[:page_size]) if j is not None]
+        more = len(ids) > page_size and jobs
+        return jobs, encode_token(jobs[-1].created_at, jobs[-1].id) if more else ""
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def start(self, job_id: str, labelset: str, images_total: int, shards_total: int,
+              images_done: int, images_failed: int, shards_done: list[int]) -> None:
+        """Planned: the label set is known and the shards already done in the store are counted."""
+        key = self.key(job_id)
+        pipe = self.r.pipeline()
+        pipe.delete(self.done_key(job_id))
+        if shards_done:
+            pipe.sadd(self.done_key(job_id), *shards_done)
+        pipe.hset(key, mapping={
+            "labelset": labelset, "images_total": images_total, "shards_total": shards_total,
+            "images_done": images_done, "images_failed": images_failed,
+            "shards_done": len(shards_done), "started_at": now()})
+        pipe.execute()
+        self._finish_or_run(job_id, done=len(shards_done) >= shards_total)
+        self._update_record(job_id, labelset=labelset)
+
+    def _finish_or_run(self, job_id: str, done: bool) -> None:
+        if done:
+            self.finish(job_id, "succeeded")
+        else:
+            self.r.eval("if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
+                        "redis.call('HSET', KEYS[1], 'state', 'running') end", 1,
+                        self.key(job_id))
+
+    def shard_done(self, job_id: str, shard: int, labeled: int, failed: int) -> None:
+        result = self._shard_done(keys=[self.key(job_id), self.done_key(job_id)],
+                                  args=[shard, labeled, failed, now()])
+        if result == 2:
+            self._finished(job_id, "succeeded")
+
+    def finish(self, job_id: str, state: str, error: str = "") -> bool:
+        """Move an active job to ``state``; False if it had already finished."""
+        if not self._finish(keys=[self.key(job_id)], args=[state, now(), error]):
+            return False
+        self._finished(job_id, state, error)
+        return True
+
+    def _finished(self, job_id: str, state: str, error: str = "") -> None:
+        self.r.expire(self.key(job_id), self.ttl)
+        self.r.expire(self.done_key(job_id), self.ttl)
+        self._update_record(job_id, state=state, error=error, finished_at=now())
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        if not self.r.exists(self.key(job_id)) and self.get(job_id) is None:
+            return None
+        self.r.hset(self.key(job_id), "cancel", "1")
+        self.finish(job_id, "cancelled")
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self.key(job_id), "cancel") == "1"
+
+    # -- the durable record -----------------------------------------------------------------
+
+    def _jobs_group(self):
+        return self.store.root.require_group("jobs")
+
+    def _write_record(self, job: Job) -> None:
+        self._jobs_group().create_group(job.id, attributes={
+            "id": job.id, "dataset": job.dataset, "request": job.request,
+            "created_at": job.created_at, "state": "active"})
+
+    def _update_record(self, job_id: str, **attrs: Any) -> None:
+        group = self._jobs_group()
+        if job_id in group.group_keys():
+            group[job_id].attrs.update(attrs)
+
+    def recover(self, job_id: str) -> Job | None:
+        """A job Redis lost (emptied or restarted without persistence), from the store."""
+        group = self._jobs_group()
+        if job_id not in group.group_keys():
+            return None
+        attrs = group[job_id].attrs.asdict()
+        state = attrs.get("state", "active")
+        job = Job(id=job_id, dataset=attrs["dataset"], request=attrs["request"],
+                  state="queued" if state == "active" else state,
+                  created_at=attrs["created_at"], finished_at=attrs.get("finished_at"),
+                  labelset=attrs.get("labelset"), error=attrs.get("error") or None)
+        mapping = {"id": job.id, "dataset": job.dataset,
+                   "request": json.dumps(job.request, sort_keys=True), "state": job.state,
+                   "created_at": job.created_at, "labelset": job.labelset or "",
+                   "error": job.error or "", "finished_at": job.finished_at or ""}
+        # HSETNX on the id: two recoverers racing create one record and plan once.
+        if not self.r.hsetnx(self.key(job_id), "id", job_id):
+            return Job.from_hash(self.r.hgetall(self.key(job_id)))
+        self.r.hset(self.key(job_id), mapping=mapping)
+        self.r.zadd(self.INDEX, {job_id: job.created_at})
+        if job.finished:
+            self.r.expire(self.key(job_id), self.ttl)
+        else:
+            from labeler_service.tasks import enqueue_plan  # the API enqueues, never runs tasks
+
+            enqueue_plan(job_id)
+        return job
+
+    def recover_all(self) -> list[str]:
+        """Recover every job the store knows and Redis does not (run at API start)."""
+        group = self._jobs_group()
+        missing = [j for j in group.group_keys() if not self.r.exists(self.key(j))]
+        return [j for j in missing if self.recover(j) is not None]
+
+
+def encode_token(score: float, job_id: str) -> str:
+    raw = json.dumps([score, job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[float, str]:
+    try:
+        score, job_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return float(score), str(job_id)
+    except Exception as e:
+        raise ValueError("invalid page_token") from e

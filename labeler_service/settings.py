@@ -1,0 +1,56 @@
+"""Service configuration: every setting is an environment variable with the ``LABELER_`` prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LABELER_", extra="ignore")
+
+    store: str = Field("store", description="Store path or fsspec URL.")
+    data_root: Path = Field(Path("data"), description="Dataset paths in requests are inside it.")
+    checkpoint_root: Path = Field(Path("checkpoints"),
+                                  description="Checkpoint paths in requests are inside it.")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    api_keys: str = Field("", description="Comma-separated API keys.")
+    api_keys_file: Path | None = Field(None, description="A file with one API key per line.")
+    visibility_timeout: int = Field(3600, ge=10, description="Seconds before Redis redelivers "
+                                    "an unacknowledged task (a worker lost mid-shard).")
+    task_time_limit: int | None = Field(None, ge=5, description="Hard limit per shard task; "
+                                        "default 80 % of the visibility timeout.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    job_ttl_seconds: int = Field(7 * 24 * 3600, ge=86400, description="Finished jobs kept.")
+    # Worker side.
+    device: str = "cuda"
+    batch_size: int = Field(64, ge=1)
+    precision: str = "bf16"
+    decode_workers: int | None = None
+    max_pixels: int | None = None
+    shard_size: int = Field(1024, ge=1)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _time_limit_below_visibility(self) -> Settings:
+        if self.task_time_limit is None:
+            self.task_time_limit = int(self.visibility_timeout * 0.8)
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError("LABELER_TASK_TIME_LIMIT must be below LABELER_VISIBILITY_TIMEOUT, "
+                             "or Redis redelivers a shard that is still being labeled")
+        return self
+
+    def api_key_list(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
+                     if line.strip() and not line.startswith("#")]
+        return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

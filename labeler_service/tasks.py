@@ -1,0 +1,195 @@
+"""The GPU worker pool: Celery on Redis, one task per shard.
+
+``plan_job`` loads the teacher, creates (or reopens) the label set, counts what the store already
+holds and queues one ``label_shard`` task per missing shard, with a deterministic task id. A shard
+task labels and writes its shard with the same code as ``labeler label``, so the results are the
+same. Tasks are acknowledged late and rejected when their worker dies, and a shard is written whole
+with its status last, so a task delivered twice, or after its worker was killed, redoes at most
+one shard and never counts it twice.
+
+The prefork parent never touches CUDA: the teacher is loaded lazily in the child, once, and
+reused across tasks and jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import redis
+from celery import Celery, signals
+
+from labeler_service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+QUEUE = "labeling"
+STATS = "labeler:stats"  # counters across workers, exported by the API's /metrics
+# Errors worth retrying: the store or Redis briefly unreachable.
+TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError)
+
+app = Celery("labeler_service")
+
+
+def configure(celery: Celery, settings: Settings) -> None:
+    celery.conf.update(
+        broker_url=settings.redis_url,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+
+
+configure(app, get_settings())
+
+
+# -- per-process state (created after fork) ---------------------------------------------------
+
+@lru_cache(maxsize=1)
+def services():
+    """Redis client, store and job repository of this process."""
+    from labeler_service.jobs import JobStore
+    from storage import Store
+
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    store = Store.open(settings.store)
+    return client, store, JobStore(client, store, settings.job_ttl_seconds)
+
+
+@lru_cache(maxsize=1)  # one teacher in GPU memory per process: the latest one asked for
+def teacher_for(model: str, checkpoint: str, input_size: int, topk: int):
+    import torch
+
+    from labeler_service.labeling import TeacherRunner
+    from labeler_service.teacher import build_teacher
+
+    settings = get_settings()
+    device = torch.device(settings.device if torch.cuda.is_available() else "cpu")
+    precision = settings.precision if device.type == "cuda" else "fp32"
+    teacher, spec, grid = build_teacher(model, Path(checkpoint), input_size, device,
+                                        precision=precision)
+    return TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision), spec, grid
+
+
+def resolve_checkpoint(relative: str) -> Path:
+    """A request's checkpoint path, inside the checkpoint root (re-checked on the worker)."""
+    from labeler_service.paths import resolve_inside
+
+    return resolve_inside(get_settings().checkpoint_root, relative)
+
+
+def labeling_options():
+    from labeler_service.labeling import LabelingOptions
+
+    settings = get_settings()
+    options = LabelingOptions(batch_size=settings.batch_size, num_workers=settings.decode_workers,
+                              device=settings.device, precision=settings.precision,
+                              shard_size=settings.shard_size, progress=False)
+    if settings.max_pixels:
+        options.max_pixels = settings.max_pixels
+    return options
+
+
+def heartbeat(client: redis.Redis, hostname: str) -> None:
+    client.set(f"labeler:worker:{hostname}", int(time.time()), ex=60)
+
+
+# -- tasks ------------------------------------------------------------------------------------
+
+def enqueue_plan(job_id: str) -> None:
+    plan_job.apply_async(args=(job_id,), task_id=f"{job_id}:plan")
+
+
+@app.task(bind=True, name="labeler.plan_job", autoretry_for=TRANSIENT, retry_backoff=True,
+          retry_backoff_max=60, max_retries=5)
+def plan_job(self, job_id: str) -> None:
+    from labeler_service.labeling import check_class_space
+    from labeler_service.teacher import TeacherError
+    from storage import ImageStatus, LabelSetConfig, StoreError
+
+    client, store, jobs = services()
+    heartbeat(client, self.request.hostname or "worker")
+    job = jobs.get(job_id)
+    if job is None or job.finished:
+        return
+    request = job.request
+    try:
+        dataset = store.dataset(job.dataset)
+        _, spec, grid = teacher_for(request["teacher"]["model"],
+                                    str(resolve_checkpoint(request["teacher"]["checkpoint"])),
+                                    request["teacher"]["input_size"], request["topk"])
+        if not request.get("ignore_dataset_classes"):
+            check_class_space(dataset, spec.num_classes)
+        labelset = dataset.create_labelset(LabelSetConfig(
+            teacher=spec, topk=request["topk"], grid=grid,
+            dataset_fingerprint=dataset.fingerprint, shard_size=get_settings().shard_size))
+    except (TeacherError, StoreError, KeyError, ValueError, FileNotFoundError) as e:
+        jobs.finish(job_id, "failed", f"{type(e).__name__}: {e}")
+        return
+    status = labelset.status()
+    pending = labelset.pending_shards(status)
+    done = [s for s in range(labelset.num_shards) if s not in set(pending)]
+    counted = status[status != ImageStatus.PENDING]
+    jobs.start(job_id, labelset.id, labelset.num_images, labelset.num_shards,
+               images_done=int(counted.size), images_failed=int((counted > 0).sum()),
+               shards_done=done)
+    for shard in pending:
+        label_shard.apply_async(args=(job_id, shard), task_id=f"{job_id}:shard:{shard}")
+
+
+@app.task(bind=True, name="labeler.label_shard", autoretry_for=TRANSIENT, retry_backoff=True,
+          retry_backoff_max=60, max_retries=5)
+def label_shard(self, job_id: str, shard: int) -> None:
+    from labeler_service.labeling import LabelingReport, label_shards
+    from storage import ImageStatus
+
+    client, store, jobs = services()
+    heartbeat(client, self.request.hostname or "worker")
+    job = jobs.get(job_id)
+    if job is None or job.finished or job.cancel_requested:
+        return
+    labelset = store.labelset(job.labelset)
+    start, stop = labelset.shard_range(shard)
+    status = labelset.array("status")[start:stop]
+    if (status == ImageStatus.PENDING).any():  # not already written by an earlier delivery
+        request = job.request
+        runner, _, _ = teacher_for(request["teacher"]["model"],
+                                   str(resolve_checkpoint(request["teacher"]["checkpoint"])),
+                                   request["teacher"]["input_size"], request["topk"])
+        began = time.perf_counter()
+        try:
+            report = label_shards(labelset, store.dataset(job.dataset), runner, [shard],
+                                  labeling_options(),
+                                  should_stop=lambda: jobs.cancel_requested(job_id),
+                                  report=LabelingReport(labelset.id, 1))
+        except Exception as e:
+            if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
+                raise
+            jobs.finish(job_id, "failed", f"shard {shard}: {type(e).__name__}: {e}")
+            raise
+        if report.stopped:
+            return
+        stats = client.pipeline()
+        stats.hincrbyfloat(STATS, "shard_seconds_sum", time.perf_counter() - began)
+        stats.hincrby(STATS, "shards_labeled", 1)
+        stats.hincrby(STATS, "images_labeled", report.images_labeled)
+        stats.execute()
+        status = labelset.array("status")[start:stop]
+    jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
+                    int((status > 0).sum()))
+
+
+@signals.worker_ready.connect
+def _announce(sender=None, **_) -> None:
+    log.info("labeler worker ready: queue %s, store %s", QUEUE, get_settings().store)

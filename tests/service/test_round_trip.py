@@ -1,0 +1,69 @@
+"""REST round trip with real processes: the service labels exactly what `labeler label` does."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from labeler_service.labeling import LabelingOptions, label_dataset
+from storage import ARRAY_NAMES, Store
+from tests.service.conftest import JOB, Cluster
+
+pytestmark = pytest.mark.slow
+
+
+def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_path):
+    cluster.start_api()
+    cluster.start_worker()
+    with cluster.client() as client:
+        r = client.post("/v1/datasets", json={"name": "toy", "path": "toy"})
+        assert r.status_code == 201, r.text
+        assert r.json()["num_images"] == 12 and r.headers["location"] == "/v1/datasets/toy"
+        assert client.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 200
+
+        r = client.post("/v1/jobs", json=JOB)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+        assert job["state"] == "queued" and r.headers["retry-after"]
+
+        done = cluster.wait_job(job["id"])
+        assert done["state"] == "succeeded", done
+        assert done["progress"] == {"images_done": 12, "images_total": 12, "images_failed": 0,
+                                    "shards_done": 3, "shards_total": 3}
+        assert done["started_at"] and done["finished_at"]
+        r = client.get(f"/v1/jobs/{job['id']}")
+        assert "retry-after" not in r.headers
+        labelset_id = done["labelset"]
+
+        info = client.get(f"/v1/labelsets/{labelset_id}").json()
+        assert info["complete"] and info["attrs"]["teacher"]["model"] == "test_nfnet"
+
+        image = client.get(f"/v1/labelsets/{labelset_id}/images/5").json()
+        assert image["status"] == 0 and image["grid"] == [2, 2] and image["topk"] == 2
+        npy = client.get(f"/v1/labelsets/{labelset_id}/images/5?array=classes",
+                         headers={"Accept": "application/x-npy"})
+        assert npy.headers["content-type"] == "application/x-npy"
+        classes = np.load(io.BytesIO(npy.content))
+        assert classes.tolist() == image["classes"]
+
+        png = client.get(f"/v1/labelsets/{labelset_id}/images/5/heatmap.png")
+        assert png.headers["content-type"] == "image/png"
+        picture = Image.open(io.BytesIO(png.content))
+        assert picture.format == "PNG" and picture.width > 32
+
+    # The same job in one process, on a fresh store, gives the same label set, byte for byte.
+    local = Store.open(tmp_path / "local")
+    local.add_dataset("toy", tmp_path / "data" / "toy")
+    report = label_dataset(local, "toy", "test_nfnet", tmp_path / "checkpoints" /
+                           "teacher.safetensors", 64, 2,
+                           LabelingOptions(batch_size=2, num_workers=0, shard_size=4,
+                                           progress=False))
+    assert report.labelset_id == labelset_id
+    served = Store.open(tmp_path / "store").labelset(labelset_id).read_block(0, 12)
+    expected = local.labelset(labelset_id).read_block(0, 12)
+    for name in ARRAY_NAMES:
+        np.testing.assert_array_equal(getattr(served, name), getattr(expected, name), name)
