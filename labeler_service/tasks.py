@@ -35,7 +35,13 @@ app = Celery("labeler_service")
 def configure(celery: Celery, settings: Settings) -> None:
     celery.conf.update(
         broker_url=settings.redis_url,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu sweeps for overdue unacknowledged tasks every interval x throttle seconds
+            # (100 s by default, whatever the timeout): sweep every tenth of the timeout instead.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -1,0 +1,131 @@
+"""Workers killed, Redis emptied, the API restarted: the job still finishes, and the store
+holds each image's labels exactly once, equal to a clean run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labeler_service.labeling import LabelingOptions, label_dataset
+from labeler_service.sample import make_sample_images
+from storage import ARRAY_NAMES, Store
+from tests.service.conftest import JOB, Cluster, stop
+
+pytestmark = pytest.mark.slow
+# Slow enough shards to be caught mid-way: 24 images, shards of 4, one image per batch, 256 px.
+SLOW = {"LABELER_BATCH_SIZE": "1", "LABELER_SHARD_SIZE": "4"}
+SLOW_JOB = {**JOB, "teacher": {**JOB["teacher"], "input_size": 256}}
+
+
+def bigger_dataset(cluster: Cluster) -> None:
+    make_sample_images(cluster.root / "data" / "toy", per_class=8)
+
+
+def submit(cluster: Cluster) -> str:
+    with cluster.client() as client:
+        assert client.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 201
+        r = client.post("/v1/jobs", json=SLOW_JOB)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+
+def shards_written(cluster: Cluster) -> int:
+    return len([p for p in (cluster.root / "store").glob("datasets/toy/labels/*/status/c/*")
+                if p.name.isdigit()])
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def assert_no_shard_labeled_twice(redis_db) -> None:
+    """Labeling work done, from the workers' counters: a shard labeled twice would exceed 24.
+    (A kill between a shard's write and its counter update can leave one shard uncounted.)"""
+    assert 20 <= int(redis_db.hget("labeler:stats", "images_labeled")) <= 24
+
+
+def assert_equals_clean_run(cluster: Cluster, job: dict) -> None:
+    assert job["state"] == "succeeded", job
+    assert job["progress"]["images_done"] == job["progress"]["images_total"] == 24
+    assert job["progress"]["shards_done"] == 6
+    local = Store.open(cluster.root / "clean")
+    local.add_dataset("toy", cluster.root / "data" / "toy")
+    report = label_dataset(local, "toy", "test_nfnet", cluster.root / "checkpoints" /
+                           "teacher.safetensors", 256, 2,
+                           LabelingOptions(batch_size=1, num_workers=0, shard_size=4,
+                                           progress=False))
+    assert report.labelset_id == job["labelset"]
+    served = Store.open(cluster.root / "store").labelset(job["labelset"]).read_block(0, 24)
+    expected = local.labelset(job["labelset"]).read_block(0, 24)
+    for name in ARRAY_NAMES:
+        np.testing.assert_array_equal(getattr(served, name), getattr(expected, name), name)
+
+
+def test_two_workers_one_child_killed_mid_shard(cluster: Cluster, redis_db):
+    cluster.settings.update(SLOW)
+    bigger_dataset(cluster)
+    cluster.start_api()
+    first = cluster.start_worker("w0")
+    second = cluster.start_worker("w1")
+    job_id = submit(cluster)
+    wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
+    time.sleep(0.1)  # into the next shard (4 images of ~50 ms)
+    (child,) = children(first.pid)  # the prefork child running w0's current task
+    os.kill(child, signal.SIGKILL)
+
+    job = cluster.wait_job(job_id)
+    assert_equals_clean_run(cluster, job)
+    assert_no_shard_labeled_twice(redis_db)
+    assert first.poll() is None and second.poll() is None  # w0 replaced its child
+
+
+def test_whole_worker_killed_then_redelivered(cluster: Cluster, redis_db):
+    cluster.settings.update({**SLOW, "LABELER_VISIBILITY_TIMEOUT": "10",
+                             "LABELER_TASK_TIME_LIMIT": "8"})
+    bigger_dataset(cluster)
+    cluster.start_api()
+    worker = cluster.start_worker("w0")
+    job_id = submit(cluster)
+    wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
+    time.sleep(0.1)
+    stop(worker, signal.SIGKILL)  # the machine is lost: parent and child, no goodbye
+    written = shards_written(cluster)
+    assert written < 6
+
+    cluster.start_worker("w1")  # the unacknowledged shard comes back after the visibility timeout
+    job = cluster.wait_job(job_id, timeout=120)
+    assert_equals_clean_run(cluster, job)
+    assert_no_shard_labeled_twice(redis_db)
+
+
+def test_redis_emptied_and_api_restarted(cluster: Cluster, redis_db):
+    cluster.settings.update(SLOW)
+    bigger_dataset(cluster)
+    cluster.start_api()
+    cluster.start_worker("w0")
+    job_id = submit(cluster)
+    wait_for(lambda: shards_written(cluster) >= 2, what="two shards")
+    redis_db.flushdb()  # jobs, counters, queue: all gone
+    cluster.stop_api()
+    cluster.start_api()  # recovers the job from the store and plans it again
+
+    job = cluster.wait_job(job_id, timeout=120)
+    assert_equals_clean_run(cluster, job)
+    assert Path(cluster.root / "store" / "jobs" / job_id / "zarr.json").is_file()
