@@ -10,15 +10,17 @@ planned again, which counts finished shards from the store and queues only the m
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from storage import Store
+from storage import ImageStatus, LabelSet, Store
 
 PREFIX = "labeler:"
 ACTIVE_STATES = ("queued", "running")
@@ -48,6 +50,20 @@ if state ~= 'queued' and state ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], 'error', ARGV[3])
 return 1
 """
+
+
+def resolved_labelset_key(dataset_fingerprint: str, request: dict[str, Any],
+                          checkpoint: Path) -> str:
+    """Where planning records which label set a request resolved to.
+
+    The checkpoint enters by path, size and mtime: a replaced file makes a new key, so a new
+    plan (hashing the file) rather than a stale answer.
+    """
+    stat = checkpoint.stat()
+    key = json.dumps({"dataset": dataset_fingerprint, "request": request,
+                      "checkpoint": [str(checkpoint), stat.st_size, stat.st_mtime_ns]},
+                     sort_keys=True)
+    return f"{PREFIX}resolved:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def now() -> float:
@@ -132,6 +148,15 @@ class JobStore:
         pipe.zadd(self.INDEX, {job.id: job.created_at})
         pipe.execute()
         return job
+
+    def start_from_store(self, job_id: str, labelset: LabelSet) -> None:
+        """Count what the store already holds for this job's label set, and run or finish it."""
+        status = labelset.status()
+        pending = set(labelset.pending_shards(status))
+        counted = status[status != ImageStatus.PENDING]
+        self.start(job_id, labelset.id, labelset.num_images, labelset.num_shards,
+                   images_done=int(counted.size), images_failed=int((counted > 0).sum()),
+                   shards_done=[s for s in range(labelset.num_shards) if s not in pending])
 
     def get(self, job_id: str) -> Job | None:
         h = self.r.hgetall(self.key(job_id))

@@ -120,9 +120,10 @@ def enqueue_plan(job_id: str) -> None:
 @app.task(bind=True, name="labeler.plan_job", autoretry_for=TRANSIENT, retry_backoff=True,
           retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
+    from labeler_service.jobs import resolved_labelset_key
     from labeler_service.labeling import check_class_space
     from labeler_service.teacher import TeacherError
-    from storage import ImageStatus, LabelSetConfig, StoreError
+    from storage import LabelSetConfig, StoreError
 
     client, store, jobs = services()
     heartbeat(client, self.request.hostname or "worker")
@@ -143,14 +144,11 @@ def plan_job(self, job_id: str) -> None:
     except (TeacherError, StoreError, KeyError, ValueError, FileNotFoundError) as e:
         jobs.finish(job_id, "failed", f"{type(e).__name__}: {e}")
         return
-    status = labelset.status()
-    pending = labelset.pending_shards(status)
-    done = [s for s in range(labelset.num_shards) if s not in set(pending)]
-    counted = status[status != ImageStatus.PENDING]
-    jobs.start(job_id, labelset.id, labelset.num_images, labelset.num_shards,
-               images_done=int(counted.size), images_failed=int((counted > 0).sum()),
-               shards_done=done)
-    for shard in pending:
+    checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
+    client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
+               ex=get_settings().job_ttl_seconds)
+    jobs.start_from_store(job_id, labelset)
+    for shard in labelset.pending_shards():
         label_shard.apply_async(args=(job_id, shard), task_id=f"{job_id}:shard:{shard}")
 
 

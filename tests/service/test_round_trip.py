@@ -67,3 +67,17 @@ def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_p
     expected = local.labelset(labelset_id).read_block(0, 12)
     for name in ARRAY_NAMES:
         np.testing.assert_array_equal(getattr(served, name), getattr(expected, name), name)
+
+
+def test_a_job_whose_labelset_is_complete_succeeds_at_once(cluster: Cluster):
+    cluster.start_api()
+    cluster.start_worker()
+    with cluster.client() as client:
+        client.post("/v1/datasets", json={"name": "toy", "path": "toy"})
+        first = cluster.wait_job(client.post("/v1/jobs", json=JOB).json()["id"])
+        assert first["state"] == "succeeded"
+        r = client.post("/v1/jobs", json=JOB)  # the same request again, no Idempotency-Key
+        again = r.json()
+        assert r.status_code == 202 and again["id"] != first["id"]
+        assert again["state"] == "succeeded" and again["labelset"] == first["labelset"]
+        assert again["progress"]["images_done"] == 12 and "retry-after" not in r.headers

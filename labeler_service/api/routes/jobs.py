@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import Path as PathParam
 
 from labeler_service.api.deps import JobsDep, RedisDep, SettingsDep, StoreDep
 from labeler_service.api.routes.datasets import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
-from labeler_service.jobs import Job, JobStore
+from labeler_service.jobs import Job, JobStore, resolved_labelset_key
 from labeler_service.paths import PathOutsideRoot, resolve_inside
 from labeler_service.tasks import enqueue_plan
+from storage import LabelSet
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 RETRY_AFTER_SECONDS = "2"
 IDEMPOTENCY_TTL = 24 * 3600
-JOB_ID_PATH = Path(pattern=r"^job-[0-9a-f]+-[0-9a-f]+$", max_length=64)
+JOB_ID_PATH = PathParam(pattern=r"^job-[0-9a-f]+-[0-9a-f]+$", max_length=64)
 
 
 def with_retry_after(job: Job, response: Response) -> JobOut:
@@ -34,7 +37,8 @@ def find_job(jobs: JobStore, job_id: str) -> Job:
     return job
 
 
-def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep) -> None:
+def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep) -> Path:
+    """Refuse what cannot run; returns the checkpoint's resolved path."""
     import timm
 
     find_dataset(store, body.dataset)
@@ -47,6 +51,21 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep) -> No
                                  "checkpoint root")
     if body.teacher.model not in timm.list_models():
         raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
+    return checkpoint
+
+
+def complete_labelset(client: RedisDep, store: StoreDep, dataset: str, request: dict,
+                      checkpoint: Path) -> LabelSet | None:
+    """The label set an earlier identical job made, if it is complete."""
+    key = resolved_labelset_key(store.dataset(dataset).fingerprint, request, checkpoint)
+    labelset_id = client.get(key)
+    if labelset_id is None:
+        return None
+    try:
+        labelset = store.labelset(labelset_id)
+    except KeyError:
+        return None
+    return labelset if labelset.is_complete() else None
 
 
 def claim_idempotency_key(client: RedisDep, key: str, fingerprint: str) -> str | None:
@@ -78,7 +97,7 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
                jobs: JobsDep, client: RedisDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
     """Queue a labeling job; poll the ``Location`` it answers with."""
-    check_request(body, settings, store)
+    checkpoint = check_request(body, settings, store)
     request = body.model_dump(exclude={"dataset"})
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
@@ -90,7 +109,12 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
     job = jobs.create(body.dataset, request)
     if idempotency_key:
         record_idempotency_key(client, idempotency_key, fingerprint, job.id)
-    enqueue_plan(job.id)
+    done = complete_labelset(client, store, body.dataset, request, checkpoint)
+    if done is not None:  # nothing to label: the job succeeds at once
+        jobs.start_from_store(job.id, done)
+        job = jobs.get(job.id)
+    else:
+        enqueue_plan(job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return with_retry_after(job, response)
 
