@@ -14,6 +14,7 @@ reused across tasks and jobs.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -192,6 +193,14 @@ def label_shard(self, job_id: str, shard: int) -> None:
         status = labelset.array("status")[start:stop]
     jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
                     int((status > 0).sum()))
+
+
+@signals.worker_process_init.connect
+def _allow_decoding_processes(**_) -> None:
+    """Prefork children are daemonic, and daemonic processes may not start children; but the
+    teacher's images are decoded in DataLoader worker processes. Those exit when this process
+    dies (they watch their parent), so lifting the flag leaves no orphans."""
+    multiprocessing.current_process()._config["daemon"] = False
 
 
 @signals.worker_ready.connect

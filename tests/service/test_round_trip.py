@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_path):
+    # Decoding in a DataLoader process under Celery's (daemonic) prefork child.
+    cluster.settings["LABELER_DECODE_WORKERS"] = "1"
     cluster.start_api()
     cluster.start_worker()
     with cluster.client() as client:
