@@ -66,6 +66,16 @@ def resolved_labelset_key(dataset_fingerprint: str, request: dict[str, Any],
     return f"{PREFIX}resolved:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def progress_in_store(labelset: LabelSet) -> dict[str, Any]:
+    """A label set's progress as its shard completion records tell it."""
+    status = labelset.status()
+    pending = set(labelset.pending_shards(status))
+    counted = status[status != ImageStatus.PENDING]
+    return {"images_total": labelset.num_images, "shards_total": labelset.num_shards,
+            "images_done": int(counted.size), "images_failed": int((counted > 0).sum()),
+            "shards_done": [s for s in range(labelset.num_shards) if s not in pending]}
+
+
 def now() -> float:
     return round(time.time(), 3)
 
@@ -151,12 +161,7 @@ class JobStore:
 
     def start_from_store(self, job_id: str, labelset: LabelSet) -> None:
         """Count what the store already holds for this job's label set, and run or finish it."""
-        status = labelset.status()
-        pending = set(labelset.pending_shards(status))
-        counted = status[status != ImageStatus.PENDING]
-        self.start(job_id, labelset.id, labelset.num_images, labelset.num_shards,
-                   images_done=int(counted.size), images_failed=int((counted > 0).sum()),
-                   shards_done=[s for s in range(labelset.num_shards) if s not in pending])
+        self.start(job_id, labelset.id, **progress_in_store(labelset))
 
     def get(self, job_id: str) -> Job | None:
         h = self.r.hgetall(self.key(job_id))
@@ -192,18 +197,23 @@ class JobStore:
     def start(self, job_id: str, labelset: str, images_total: int, shards_total: int,
               images_done: int, images_failed: int, shards_done: list[int]) -> None:
         """Planned: the label set is known and the shards already done in the store are counted."""
-        key = self.key(job_id)
+        self._set_progress(job_id, labelset, images_total, shards_total, images_done,
+                           images_failed, shards_done, started_at=now())
+        self._finish_or_run(job_id, done=len(shards_done) >= shards_total)
+        self._update_record(job_id, labelset=labelset)
+
+    def _set_progress(self, job_id: str, labelset: str, images_total: int, shards_total: int,
+                      images_done: int, images_failed: int, shards_done: list[int],
+                      **extra: Any) -> None:
         pipe = self.r.pipeline()
         pipe.delete(self.done_key(job_id))
         if shards_done:
             pipe.sadd(self.done_key(job_id), *shards_done)
-        pipe.hset(key, mapping={
+        pipe.hset(self.key(job_id), mapping={
             "labelset": labelset, "images_total": images_total, "shards_total": shards_total,
             "images_done": images_done, "images_failed": images_failed,
-            "shards_done": len(shards_done), "started_at": now()})
+            "shards_done": len(shards_done), **extra})
         pipe.execute()
-        self._finish_or_run(job_id, done=len(shards_done) >= shards_total)
-        self._update_record(job_id, labelset=labelset)
 
     def _finish_or_run(self, job_id: str, done: bool) -> None:
         if done:
@@ -277,7 +287,15 @@ class JobStore:
         self.r.hset(self.key(job_id), mapping=mapping)
         self.r.zadd(self.INDEX, {job_id: job.created_at})
         if job.finished:
+            if job.labelset:  # its progress, from the store's completion records
+                try:
+                    labelset = self.store.labelset(job.labelset)
+                    self._set_progress(job_id, labelset.id, **progress_in_store(labelset))
+                except KeyError:
+                    pass
             self.r.expire(self.key(job_id), self.ttl)
+            self.r.expire(self.done_key(job_id), self.ttl)
+            return Job.from_hash(self.r.hgetall(self.key(job_id)))
         else:
             from labeler_service.tasks import enqueue_plan  # the API enqueues, never runs tasks
 

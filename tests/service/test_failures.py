@@ -129,3 +129,8 @@ def test_redis_emptied_and_api_restarted(cluster: Cluster, redis_db):
     job = cluster.wait_job(job_id, timeout=120)
     assert_equals_clean_run(cluster, job)
     assert Path(cluster.root / "store" / "jobs" / job_id / "zarr.json").is_file()
+
+    redis_db.flushdb()  # again, now that it is finished: recovered with its state and progress
+    with cluster.client() as client:
+        again = client.get(f"/v1/jobs/{job_id}").json()
+    assert (again["state"], again["progress"]) == ("succeeded", job["progress"])
