@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from labeler_service.labeling import LabelingOptions, label_dataset
 from labeler_service.sample import make_sample_images
 from storage import ARRAY_NAMES, Store
-from tests.service.conftest import JOB, Cluster, stop
+from tests.service.conftest import JOB, Cluster, free_port, stop
 
 pytestmark = pytest.mark.slow
 # Slow enough shards to be caught mid-way: 24 images, shards of 4, one image per batch, 256 px.
@@ -134,3 +135,42 @@ def test_redis_emptied_and_api_restarted(cluster: Cluster, redis_db):
     with cluster.client() as client:
         again = client.get(f"/v1/jobs/{job_id}").json()
     assert (again["state"], again["progress"]) == ("succeeded", job["progress"])
+
+
+def start_redis(port: int, root: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    client = redis.Redis(port=port)
+    wait_for(lambda: _pings(client), timeout=10, what="redis-server")
+    return proc
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def test_redis_restarted_mid_job(cluster: Cluster):
+    """A private redis-server (no persistence) killed and started again while a job runs: the
+    API and the worker reconnect, the job is recovered from the store and finishes."""
+    port = free_port()
+    server = start_redis(port, cluster.root)
+    cluster.redis_url = f"redis://127.0.0.1:{port}/0"
+    cluster.settings.update(SLOW)
+    bigger_dataset(cluster)
+    try:
+        cluster.start_api()
+        cluster.start_worker("w0")
+        job_id = submit(cluster)
+        wait_for(lambda: shards_written(cluster) >= 2, what="two shards")
+        stop(server, signal.SIGKILL)
+        server = start_redis(port, cluster.root)  # empty: it kept nothing
+
+        job = cluster.wait_job(job_id, timeout=120)  # the GET recovers the job
+        assert_equals_clean_run(cluster, job)
+    finally:
+        stop(server, signal.SIGKILL)
