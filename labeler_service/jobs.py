@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -150,13 +151,20 @@ class JobStore:
                created_at: float | None = None) -> Job:
         job = Job(id=job_id or new_job_id(), dataset=dataset, request=request, state="queued",
                   created_at=created_at or now())
-        self._write_record(job)
+        # Redis first: if it is down the request fails and leaves nothing behind that a later
+        # recovery could revive.
         pipe = self.r.pipeline()
         pipe.hset(self.key(job.id), mapping={
             "id": job.id, "dataset": dataset, "request": json.dumps(request, sort_keys=True),
             "state": job.state, "created_at": job.created_at})
         pipe.zadd(self.INDEX, {job.id: job.created_at})
         pipe.execute()
+        try:
+            self._write_record(job)
+        except Exception:
+            self.r.delete(self.key(job.id))
+            self.r.zrem(self.INDEX, job.id)
+            raise
         return job
 
     def start_from_store(self, job_id: str, labelset: LabelSet) -> None:
@@ -188,7 +196,13 @@ class JobStore:
                 if after_id is not None and score == float(max_score) and job_id >= after_id:
                     continue  # at or before the cursor among jobs created in the same ms
                 ids.append(job_id)
-        jobs = [j for j in (self.get(i) for i in ids[:page_size]) if j is not None]
+        jobs = []
+        for job_id in ids[:page_size]:
+            job = self.get(job_id)
+            if job is None:  # expired: drop it from the index
+                self.r.zrem(self.INDEX, job_id)
+            else:
+                jobs.append(job)
         more = len(ids) > page_size and jobs
         return jobs, encode_token(jobs[-1].created_at, jobs[-1].id) if more else ""
 
@@ -273,6 +287,8 @@ class JobStore:
             return None
         attrs = group[job_id].attrs.asdict()
         state = attrs.get("state", "active")
+        if state != "active" and (attrs.get("finished_at") or 0) + self.ttl < now():
+            return None  # finished longer ago than jobs are kept: gone, not lost
         job = Job(id=job_id, dataset=attrs["dataset"], request=attrs["request"],
                   state="queued" if state == "active" else state,
                   created_at=attrs["created_at"], finished_at=attrs.get("finished_at"),
@@ -317,6 +333,9 @@ def encode_token(score: float, job_id: str) -> str:
 def decode_token(token: str) -> tuple[float, str]:
     try:
         score, job_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return float(score), str(job_id)
+        score = float(score)
     except Exception as e:
         raise ValueError("invalid page_token") from e
+    if not math.isfinite(score):
+        raise ValueError("invalid page_token")
+    return score, str(job_id)

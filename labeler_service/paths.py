@@ -6,14 +6,26 @@ from pathlib import Path, PurePosixPath
 
 
 class PathOutsideRoot(ValueError):
-    """A user-supplied path that is absolute, or resolves (through ``..`` or symlinks) outside."""
+    """A user-supplied path that is absolute, resolves (through ``..`` or symlinks) outside the
+    root, or cannot be resolved at all (a symlink loop, a name too long)."""
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
     if not relative or PurePosixPath(relative).is_absolute() or "\x00" in relative:
         raise PathOutsideRoot(f"{relative!r}: must be a relative path inside the configured root")
     root = Path(root).resolve()
-    path = (root / relative).resolve()  # follows symlinks, so a link out of the root is caught
+    try:
+        path = (root / relative).resolve()  # follows symlinks: a link out of the root is caught
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise PathOutsideRoot(f"{relative!r} cannot be resolved: {e}") from None
     if not path.is_relative_to(root):
         raise PathOutsideRoot(f"{relative!r} resolves outside the configured root")
     return path
+
+
+def is_kind(path: Path, kind: str) -> bool:
+    """``path.is_dir()``/``is_file()``, False where the OS cannot even look (name too long)."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except OSError:
+        return False

@@ -34,6 +34,7 @@ app = Celery("labeler_service")
 
 
 def configure(celery: Celery, settings: Settings) -> None:
+    celery.close()  # drop connections to a previous broker, if any
     celery.conf.update(
         broker_url=settings.redis_url,
         broker_transport_options={

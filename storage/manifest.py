@@ -66,16 +66,31 @@ def is_image_path(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def list_image_files(root: Path) -> list[str]:
-    """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths."""
+class FileOutsideRoot(ValueError):
+    """A file in the folder is a symlink to somewhere outside the permitted root."""
+
+
+def list_image_files(root: Path, confine_to: Path | None = None) -> list[str]:
+    """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths.
+
+    Dangling symlinks are not files and are skipped. With ``confine_to``, a file that resolves
+    (through a symlink) outside that directory is refused: the service reads only its data root.
+    """
     found = []
+    limit = Path(confine_to).resolve() if confine_to is not None else None
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
-            if is_image_path(name) and not name.startswith("."):
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-                found.append(rel.replace(os.sep, "/"))
+            if not is_image_path(name) or name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            if not os.path.isfile(full):  # a dangling symlink, a socket, ...
+                continue
+            if limit is not None and not Path(os.path.realpath(full)).is_relative_to(limit):
+                raise FileOutsideRoot(f"{name}: a symlink to a file outside the data root")
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            found.append(rel.replace(os.sep, "/"))
     return sorted(found)
 
 
@@ -106,7 +121,8 @@ def probe_image(path: Path) -> tuple[str, int, int]:
     return digest, width, height
 
 
-def scan_image_folder(root: Path, max_workers: int = 8) -> Manifest:
+def scan_image_folder(root: Path, max_workers: int = 8,
+                      confine_to: Path | None = None) -> Manifest:
     """Build the manifest of every image under ``root``.
 
     When every image sits below a first-level directory (the torchvision ImageFolder layout), the
@@ -115,7 +131,7 @@ def scan_image_folder(root: Path, max_workers: int = 8) -> Manifest:
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
-    paths = list_image_files(root)
+    paths = list_image_files(root, confine_to)
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
     # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
     # filter list, so entering it in each pool thread interleaves and can leave "ignore all

@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import Depends, FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from labeler_service.api import problems
 from labeler_service.api.deps import require_api_key
 from labeler_service.api.metrics import Metrics
 from labeler_service.api.routes import datasets, health, jobs, labelsets
+from labeler_service.api.schemas import Problem
 from labeler_service.jobs import JobStore
 from labeler_service.settings import Settings, get_settings
 from labeler_service.tasks import app as celery_app
@@ -42,21 +44,16 @@ class BodySizeLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge
+                # FastAPI passes an HTTPException raised while reading the body through
+                # (anything else becomes a 400 "error parsing the body").
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
             return message
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
+        await self.app(scope, counting_receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = problems.problem(413, f"request body over {self.max_bytes} bytes")
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -92,18 +89,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     app.state.metrics = metrics
 
-    @app.middleware("http")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.middleware("http")  # outermost: sees every response, 413s and 500s included
     async def count_requests(request, call_next):
         began = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_request(request.method, getattr(route, "path", "unmatched"),
-                                response.status_code, time.perf_counter() - began)
-        return response
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.observe_request(request.method, getattr(route, "path_format", "unmatched"),
+                                    status, time.perf_counter() - began)
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     secured = [Depends(require_api_key)]
+    errors = {401: {"description": "No valid API key", "model": Problem},
+              413: {"description": "Request body too large", "model": Problem},
+              503: {"description": "Redis unavailable", "model": Problem}}
     for module in (datasets, jobs, labelsets):
-        app.include_router(module.router, prefix="/v1", dependencies=secured)
+        app.include_router(module.router, prefix="/v1", dependencies=secured, responses=errors)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,6 +27,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_problem(request: Request, exc: HTTPException) -> JSONResponse:
         return problem(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_problem(request: Request, exc: redis.RedisError) -> JSONResponse:
+        return problem(503, f"Redis is unavailable: {type(exc).__name__}",
+                       headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:

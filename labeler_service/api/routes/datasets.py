@@ -6,8 +6,9 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from labeler_service.api.deps import SettingsDep, StoreDep
 from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut
-from labeler_service.paths import PathOutsideRoot, resolve_inside
-from storage import Dataset, DatasetChangedError, Store
+from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
+from storage import Dataset, DatasetChangedError, Store, scan_image_folder
+from storage.manifest import FileOutsideRoot
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -36,10 +37,13 @@ def register_dataset(body: DatasetCreate, settings: SettingsDep, store: StoreDep
         directory = resolve_inside(settings.data_root, body.path)
     except PathOutsideRoot as e:
         raise HTTPException(400, str(e)) from None
-    if not directory.is_dir():
+    if not is_kind(directory, "dir"):
         raise HTTPException(422, f"{body.path!r} is not a directory under the data root")
     try:
-        dataset, created = store.add_dataset(body.name, directory)
+        manifest = scan_image_folder(directory, confine_to=settings.data_root)
+        dataset, created = store.add_dataset(body.name, directory, manifest=manifest)
+    except FileOutsideRoot as e:
+        raise HTTPException(400, str(e)) from None
     except DatasetChangedError as e:
         raise HTTPException(409, str(e)) from None
     response.headers["Location"] = f"/v1/datasets/{dataset.name}"

@@ -14,7 +14,7 @@ from labeler_service.api.deps import JobsDep, RedisDep, SettingsDep, StoreDep
 from labeler_service.api.routes.datasets import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.jobs import Job, JobStore, resolved_labelset_key
-from labeler_service.paths import PathOutsideRoot, resolve_inside
+from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
 from labeler_service.tasks import enqueue_plan
 from storage import LabelSet
 
@@ -46,7 +46,7 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep) -> Pa
         checkpoint = resolve_inside(settings.checkpoint_root, body.teacher.checkpoint)
     except PathOutsideRoot as e:
         raise HTTPException(400, str(e)) from None
-    if not checkpoint.is_file():
+    if not is_kind(checkpoint, "file"):
         raise HTTPException(422, f"no checkpoint {body.teacher.checkpoint!r} under the "
                                  "checkpoint root")
     if body.teacher.model not in timm.list_models():
@@ -68,9 +68,13 @@ def complete_labelset(client: RedisDep, store: StoreDep, dataset: str, request: 
     return labelset if labelset.is_complete() else None
 
 
+def idempotency_redis_key(key: str) -> str:
+    return f"labeler:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 def claim_idempotency_key(client: RedisDep, key: str, fingerprint: str) -> str | None:
     """The job id an earlier request with this key made, or None if this request is the first."""
-    redis_key = f"labeler:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+    redis_key = idempotency_redis_key(key)
     if client.set(redis_key, json.dumps({"body": fingerprint, "job": ""}), nx=True,
                   ex=IDEMPOTENCY_TTL):
         return None
@@ -83,8 +87,8 @@ def claim_idempotency_key(client: RedisDep, key: str, fingerprint: str) -> str |
 
 
 def record_idempotency_key(client: RedisDep, key: str, fingerprint: str, job_id: str) -> None:
-    redis_key = f"labeler:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
-    client.set(redis_key, json.dumps({"body": fingerprint, "job": job_id}), ex=IDEMPOTENCY_TTL)
+    client.set(idempotency_redis_key(key), json.dumps({"body": fingerprint, "job": job_id}),
+               ex=IDEMPOTENCY_TTL)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
@@ -106,7 +110,12 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
             job = find_job(jobs, earlier)
             response.headers["Location"] = f"/v1/jobs/{job.id}"
             return with_retry_after(job, response)
-    job = jobs.create(body.dataset, request)
+    try:
+        job = jobs.create(body.dataset, request)
+    except Exception:
+        if idempotency_key:  # let a retry with the same key through
+            client.delete(idempotency_redis_key(idempotency_key))
+        raise
     if idempotency_key:
         record_idempotency_key(client, idempotency_key, fingerprint, job.id)
     done = complete_labelset(client, store, body.dataset, request, checkpoint)
