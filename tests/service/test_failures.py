@@ -174,3 +174,23 @@ def test_redis_restarted_mid_job(cluster: Cluster):
         assert_equals_clean_run(cluster, job)
     finally:
         stop(server, signal.SIGKILL)
+
+
+def test_cancel_a_running_job_stops_between_batches(cluster: Cluster):
+    cluster.settings.update(SLOW)
+    bigger_dataset(cluster)
+    cluster.start_api()
+    cluster.start_worker("w0")
+    job_id = submit(cluster)
+    wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
+    with cluster.client() as client:
+        r = client.post(f"/v1/jobs/{job_id}:cancel")
+        assert r.status_code == 200 and r.json()["state"] == "cancelled"
+        written = shards_written(cluster)
+        time.sleep(2)  # more than a shard's time: a worker that ignored the flag would go on
+        assert shards_written(cluster) <= written + 1  # at most the batch in flight's shard
+        assert shards_written(cluster) < 6
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "cancelled" and job["finished_at"]
+        labelset = Store.open(cluster.root / "store").labelset(job["labelset"])
+        assert not labelset.is_complete()  # what was written stays; the rest is left pending
