@@ -1,0 +1,1 @@
+"""Data: streaming images and token labels from the store."""

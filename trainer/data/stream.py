@@ -1,0 +1,224 @@
+"""Streaming images and their token labels from the store, shard by shard.
+
+The order is a pure function of (seed, epoch, rank, worker): shards are permuted per epoch and
+dealt round-robin to every (DDP rank, DataLoader worker) pair, each of which walks its shards'
+labeled images through a seeded shuffle buffer of image indices. Because the order is computed
+from indices alone (the ``status`` array, no image or label I/O), a resumed run skips exactly the
+samples its checkpoint says were consumed and goes on in the same order.
+
+Labels are read one whole shard at a time (one zarr read per array per shard); images are
+decoded in the DataLoader workers; zarr is opened lazily inside each worker (the dataset object
+holds only a path). Augmentation that moves pixels (RandomResizedCrop, horizontal flip) is done
+here with an explicit box, returned with the sample so the labels can be cropped by the very same
+box on the device (``trainer.labels.roi_align_labels``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import IterableDataset, get_worker_info
+
+from labeler_service.images import to_rgb
+from storage import ImageStatus, LabelSet, Store, StoreError
+
+
+class FingerprintMismatch(StoreError):
+    """The label set was made for other images than the dataset now lists."""
+
+
+def held_out(paths: np.ndarray, permille: int) -> np.ndarray:
+    """A stable split: image i is held out when sha256(path) mod 1000 < permille."""
+    digests = [int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in paths]
+    return np.asarray(digests, dtype=np.uint64) % np.uint64(1000) < np.uint64(permille)
+
+
+@dataclass
+class StreamConfig:
+    store: str
+    dataset: str
+    labelset: str
+    image_size: int = 224
+    split: str = "train"  # train | val
+    val_permille: int = 20  # 2 % of images held out by path hash
+    seed: int = 0
+    shuffle_buffer: int = 2048
+    augment: bool = True  # RandomResizedCrop + flip (train); whole image resized (val)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+@dataclass
+class StreamPosition:
+    """Where a run is in its stream: the epoch and samples consumed per (rank, worker) stream."""
+
+    epoch: int = 0
+    consumed: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamPosition:
+        return cls(d["epoch"], {int(k): int(v) for k, v in d["consumed"].items()})
+
+
+def open_labelset(store: Store, dataset_name: str, labelset_id: str) -> LabelSet:
+    dataset = store.dataset(dataset_name)
+    labelset = dataset.labelset(labelset_id)
+    if labelset.dataset_fingerprint != dataset.fingerprint:
+        raise FingerprintMismatch(
+            f"label set {labelset_id} was made for dataset fingerprint "
+            f"{labelset.dataset_fingerprint[:12]}, but {dataset_name!r} now has "
+            f"{dataset.fingerprint[:12]}: the labels belong to other images")
+    return labelset
+
+
+class TokenLabelStream(IterableDataset):
+    """Yields dicts: ``image`` uint8 [3, S, S], the image's label maps (``logits``, ``classes``,
+    ``lse``), ``box`` (x1, y1, x2, y2) in label-grid coordinates, ``flip``, ``target`` (the
+    dataset class, -1 if unknown), ``index``, and ``stream``/``seq`` for resuming."""
+
+    def __init__(self, config: StreamConfig, rank: int = 0, world_size: int = 1,
+                 position: StreamPosition | None = None):
+        super().__init__()
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.position = position or StreamPosition()
+        # Everything a worker needs to compute its order, read once in the parent: small arrays.
+        store = Store.open(config.store, mode="r")
+        labelset = open_labelset(store, config.dataset, config.labelset)
+        manifest = store.dataset(config.dataset).manifest()
+        status = labelset.status()
+        in_split = held_out(manifest.path, config.val_permille)
+        if config.split == "train":
+            in_split = ~in_split
+        usable = in_split & (status == ImageStatus.LABELED)
+        self.skipped = int((in_split & (status != ImageStatus.LABELED)).sum())
+        self.usable = usable
+        self.paths = manifest.path
+        self.sizes = np.stack([manifest.width, manifest.height], axis=1)
+        self.targets = manifest.label
+        self.source_root = Path(store.dataset(config.dataset).source_root)
+        self.shard_size, self.num_shards = labelset.shard_size, labelset.num_shards
+        self.grid = labelset.grid
+        self.num_classes = labelset.teacher.num_classes
+        self._labelset: LabelSet | None = None  # opened lazily in each worker
+
+    def __len__(self) -> int:
+        return int(self.usable.sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.position.epoch:
+            self.position = StreamPosition(epoch)
+
+    # -- order ----------------------------------------------------------------------------
+
+    def streams(self, num_workers: int) -> int:
+        return self.world_size * max(1, num_workers)
+
+    def shards_of(self, stream: int, streams: int) -> list[int]:
+        order = np.random.default_rng([self.config.seed, self.position.epoch]).permutation(
+            self.num_shards) if self.config.split == "train" else np.arange(self.num_shards)
+        return order[stream::streams].tolist()
+
+    def order(self, stream: int, streams: int) -> Iterator[int]:
+        """Image indices of one stream, in the order it yields them."""
+        shards = self.shards_of(stream, streams)
+        if self.config.split != "train":
+            for shard in shards:
+                start = shard * self.shard_size
+                yield from (start + np.flatnonzero(self.usable[start:start + self.shard_size]))
+            return
+        rng = np.random.default_rng([self.config.seed, self.position.epoch, stream])
+        buffer: list[int] = []
+        for shard in shards:
+            start = shard * self.shard_size
+            for index in start + np.flatnonzero(self.usable[start:start + self.shard_size]):
+                buffer.append(int(index))
+                if len(buffer) >= self.config.shuffle_buffer:
+                    yield buffer.pop(int(rng.integers(len(buffer))))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    # -- samples --------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        streams = self.streams(num_workers)
+        stream = self.rank * max(1, num_workers) + worker
+        if self._labelset is None:
+            store = Store.open(self.config.store, mode="r")
+            self._labelset = store.dataset(self.config.dataset).labelset(self.config.labelset)
+        skip = self.position.consumed.get(stream, 0)
+        rng = np.random.default_rng([self.config.seed, self.position.epoch, stream, 1])
+        blocks: dict[int, object] = {}
+        for seq, index in enumerate(self.order(stream, streams)):
+            box, flip = self.sample_box(index, rng)  # drawn for skipped samples too: same order
+            if seq < skip:
+                continue
+            shard = index // self.shard_size
+            if shard not in blocks:
+                if len(blocks) > 4:  # a shuffle buffer spans a few shards at most
+                    blocks.pop(next(iter(blocks)))
+                blocks[shard] = self._labelset.read_shard(shard)
+            block = blocks[shard]
+            row = index - block.start
+            yield {
+                "image": self.load_image(index, box, flip),
+                "logits": torch.from_numpy(block.logits[row].astype(np.float32)),
+                "classes": torch.from_numpy(block.classes[row].astype(np.int64)),
+                "lse": torch.from_numpy(block.lse[row]),
+                "box": torch.tensor(self.to_grid(index, box), dtype=torch.float32),
+                "flip": flip,
+                "target": int(self.targets[index]),
+                "index": int(index),
+                "stream": stream,
+                "seq": seq,
+            }
+
+    def sample_box(self, index: int, rng: np.random.Generator) -> tuple[tuple, bool]:
+        """RandomResizedCrop's box (x1, y1, x2, y2) in image pixels, and a flip, for training;
+        the whole image, unflipped, otherwise."""
+        width, height = (int(v) for v in self.sizes[index])
+        if not (self.config.augment and self.config.split == "train"):
+            return (0.0, 0.0, float(width), float(height)), False
+        area = width * height
+        lo, hi = np.log(self.config.crop_ratio)
+        for _ in range(10):
+            target = area * rng.uniform(*self.config.crop_scale)
+            aspect = np.exp(rng.uniform(lo, hi))
+            w = round(np.sqrt(target * aspect))
+            h = round(np.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                x = int(rng.integers(0, width - w + 1))
+                y = int(rng.integers(0, height - h + 1))
+                return (float(x), float(y), float(x + w), float(y + h)), bool(rng.random() < 0.5)
+        side = min(width, height)  # fallback, as torchvision: a central crop
+        x, y = (width - side) // 2, (height - side) // 2
+        return (float(x), float(y), float(x + side), float(y + side)), bool(rng.random() < 0.5)
+
+    def to_grid(self, index: int, box: tuple) -> tuple[float, ...]:
+        """A box in image pixels to label-grid coordinates (the grid covers the whole image)."""
+        width, height = (float(v) for v in self.sizes[index])
+        gh, gw = self.grid
+        x1, y1, x2, y2 = box
+        return (x1 * gw / width, y1 * gh / height, x2 * gw / width, y2 * gh / height)
+
+    def load_image(self, index: int, box: tuple, flip: bool) -> torch.Tensor:
+        """Decode (full resolution: a small crop needs every pixel), orient, crop by ``box`` and
+        resize in one resampling, then flip."""
+        size = self.config.image_size
+        with Image.open(self.source_root / self.paths[index]) as img:
+            picture = to_rgb(ImageOps.exif_transpose(img))
+        crop = picture.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
