@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from labeler_service.images import to_rgb
 from storage import ImageStatus, LabelSet, Store, StoreError
+from trainer.labels import image_box_to_grid, sample_crop
 
 
 class FingerprintMismatch(StoreError):
@@ -158,10 +159,12 @@ class TokenLabelStream(IterableDataset):
             store = Store.open(self.config.store, mode="r")
             self._labelset = store.dataset(self.config.dataset).labelset(self.config.labelset)
         skip = self.position.consumed.get(stream, 0)
-        rng = np.random.default_rng([self.config.seed, self.position.epoch, stream, 1])
+        generator = torch.Generator().manual_seed(
+            (self.config.seed * 1_000_003 + self.position.epoch) * 65_537 + stream)
         blocks: dict[int, object] = {}
         for seq, index in enumerate(self.order(stream, streams)):
-            box, flip = self.sample_box(index, rng)  # drawn for skipped samples too: same order
+            # drawn for skipped samples too, so a resumed stream draws the same boxes after them
+            box, flip = self.sample_box(index, generator)
             if seq < skip:
                 continue
             shard = index // self.shard_size
@@ -184,33 +187,19 @@ class TokenLabelStream(IterableDataset):
                 "seq": seq,
             }
 
-    def sample_box(self, index: int, rng: np.random.Generator) -> tuple[tuple, bool]:
+    def sample_box(self, index: int, generator: torch.Generator) -> tuple[tuple, bool]:
         """RandomResizedCrop's box (x1, y1, x2, y2) in image pixels, and a flip, for training;
         the whole image, unflipped, otherwise."""
         width, height = (int(v) for v in self.sizes[index])
         if not (self.config.augment and self.config.split == "train"):
-            return (0.0, 0.0, float(width), float(height)), False
-        area = width * height
-        lo, hi = np.log(self.config.crop_ratio)
-        for _ in range(10):
-            target = area * rng.uniform(*self.config.crop_scale)
-            aspect = np.exp(rng.uniform(lo, hi))
-            w = round(np.sqrt(target * aspect))
-            h = round(np.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                x = int(rng.integers(0, width - w + 1))
-                y = int(rng.integers(0, height - h + 1))
-                return (float(x), float(y), float(x + w), float(y + h)), bool(rng.random() < 0.5)
-        side = min(width, height)  # fallback, as torchvision: a central crop
-        x, y = (width - side) // 2, (height - side) // 2
-        return (float(x), float(y), float(x + side), float(y + side)), bool(rng.random() < 0.5)
+            return (0, 0, width, height), False
+        box = sample_crop(width, height, self.config.crop_scale, self.config.crop_ratio,
+                          generator=generator)
+        return tuple(box), bool(torch.rand((), generator=generator) < 0.5)
 
     def to_grid(self, index: int, box: tuple) -> tuple[float, ...]:
         """A box in image pixels to label-grid coordinates (the grid covers the whole image)."""
-        width, height = (float(v) for v in self.sizes[index])
-        gh, gw = self.grid
-        x1, y1, x2, y2 = box
-        return (x1 * gw / width, y1 * gh / height, x2 * gw / width, y2 * gh / height)
+        return tuple(image_box_to_grid(box, self.sizes[index].tolist(), self.grid))
 
     def load_image(self, index: int, box: tuple, flip: bool) -> torch.Tensor:
         """Decode (full resolution: a small crop needs every pixel), orient, crop by ``box`` and
