@@ -1,8 +1,111 @@
 """``trainer``: train and evaluate vision transformers on token labels from the store."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import click
+
+store_option = click.option("--store", envvar="LABELER_STORE", default="store", show_default=True,
+                            help="Store path or fsspec URL (env LABELER_STORE).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train vision transformers on token labels (training commands are not built yet)."""
+    """Train vision transformers (LV-ViT, ViT) on token labels."""
+
+
+@main.command()
+@store_option
+@click.option("--dataset", required=True)
+@click.option("--labels", "labelset", required=True, help="Label set id.")
+@click.option("--model", default="lvvit_t", show_default=True, help="See `trainer models`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--input-size", type=click.IntRange(16), default=224, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Per process.")
+@click.option("--lr", type=float, default=1.6e-3, show_default=True,
+              help="Per 1024 images; scaled by the global batch size.")
+@click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
+@click.option("--beta", type=float, default=0.5, show_default=True, help="Token loss weight.")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--no-token-label", is_flag=True, help="Ground-truth class only (the baseline).")
+@click.option("--no-mix-token", is_flag=True)
+@click.option("--registers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--sta", is_flag=True, help="Structured Token Augmentation (training only).")
+@click.option("--anf", is_flag=True, help="Adaptive Noise Filtering between blocks.")
+@click.option("--ema", type=float, default=0.0, show_default=True, help="EMA decay (0: off).")
+@click.option("--workers", type=click.IntRange(0), default=4, show_default=True)
+@click.option("--model-kwargs", default="{}", help="More model options as JSON, e.g. "
+              '\'{"drop_path": 0.1, "sta_sigma": 0.2, "anf_norm": false}\'.')
+@click.option("--max-steps-per-epoch", type=click.IntRange(1), default=None)
+@click.option("--save-every", type=click.IntRange(1), default=500, show_default=True,
+              help="Steps between mid-epoch checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-permille", type=click.IntRange(0, 999), default=20, show_default=True,
+              help="Images held out for `trainer eval`, per mille, by path hash.")
+@click.option("--resume", is_flag=True, help="Go on from OUT/last.pt, mid-epoch if it was.")
+def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
+          epochs: int, batch_size: int, lr: float, warmup_epochs: float, beta: float,
+          label_smoothing: float, no_token_label: bool, no_mix_token: bool, registers: int,
+          sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
+          max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
+          resume: bool) -> None:
+    """Train MODEL on DATASET's images and the token labels of label set LABELS."""
+    from trainer.train import TrainConfig
+    from trainer.train import train as run
+
+    kwargs = {"registers": registers, "sta": sta, "anf": anf, **json.loads(model_kwargs)}
+    config = TrainConfig(store=store, dataset=dataset, labels=labelset, out=str(out),
+                         model=model, input_size=input_size, epochs=epochs,
+                         batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, beta=beta,
+                         label_smoothing=label_smoothing, token_label=not no_token_label,
+                         mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,
+                         model_kwargs=kwargs, max_steps_per_epoch=max_steps_per_epoch,
+                         save_every=save_every, val_permille=val_permille)
+    last = run(config, resume=resume)
+    click.echo(json.dumps(last))
+
+
+@main.command("eval")
+@store_option
+@click.option("--dataset", required=True)
+@click.option("--labels", "labelset", required=True)
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--val-permille", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="The held-out share used in training (per mille).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+def evaluate_cmd(store: str, dataset: str, labelset: str, checkpoint: Path, val_permille: int,
+                 batch_size: int) -> None:
+    """Top-1/top-5 on the held-out split."""
+    from trainer.evaluate import evaluate
+
+    click.echo(json.dumps(evaluate(checkpoint, store, dataset, labelset, batch_size=batch_size,
+                                   val_permille=val_permille)))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@store_option
+@click.option("--dataset", required=True)
+@click.option("--images", type=click.IntRange(1), default=64, show_default=True)
+def artifacts(checkpoint: Path, store: str, dataset: str, images: int) -> None:
+    """Feature-map artifact metrics: outlier-token share and CLS-attention entropy."""
+    from trainer.evaluate import artifact_metrics
+
+    click.echo(json.dumps(artifact_metrics(checkpoint, store, dataset, images=images)))
+
+
+@main.command()
+def models() -> None:
+    """The registered variants with their parameter counts (1000 classes, 224 px)."""
+    import torch
+
+    from trainer.models import create_model, list_models
+
+    for name in list_models():
+        with torch.device("meta"):
+            count = sum(p.numel() for p in create_model(name).parameters())
+        click.echo(f"{name}\t{count / 1e6:.2f}M")

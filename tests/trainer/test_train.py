@@ -1,0 +1,121 @@
+"""Training end to end on a store written by ``labeler label``: overfitting, an exact mid-epoch
+resume, and the ``trainer`` CLI (train, --resume, eval, artifacts, models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from labeler_service.labeling import LabelingOptions, label_dataset
+from labeler_service.sample import make_random_checkpoint, make_sample_images
+from storage import Store
+from trainer import train as train_module
+from trainer.cli import main
+from trainer.train import TrainConfig, train
+
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory) -> tuple[Path, str]:
+    """48 images in 3 classes, labeled by a random-weight test_nfnet (64 px, 2x2 grid)."""
+    root = tmp_path_factory.mktemp("train")
+    images = make_sample_images(root / "images", per_class=16)
+    checkpoint = make_random_checkpoint(root / "teacher.safetensors", num_classes=3)
+    store = Store.open(root / "store")
+    store.add_dataset("toy", images)
+    report = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2,
+                           LabelingOptions(batch_size=16, num_workers=0, shard_size=8,
+                                           progress=False))
+    return root / "store", report.labelset_id
+
+
+def config(labeled, out: Path, **overrides) -> TrainConfig:
+    store, labels = labeled
+    values = {"store": str(store), "dataset": "toy", "labels": labels, "out": str(out),
+              "model": "vit_tiny", "input_size": 32, "epochs": 1, "batch_size": 8,
+              "workers": 0, "warmup_epochs": 0.2, "model_kwargs": dict(TINY),
+              "val_permille": 0, "progress": False}
+    return TrainConfig(**(values | overrides))
+
+
+def test_a_tiny_model_overfits_a_tiny_store(labeled, tmp_path):
+    # lr is per 1024 images: 0.5 is 4e-3 at batch 8
+    cfg = config(labeled, tmp_path, epochs=40, lr=0.5, token_label=False, mix_token=False,
+                 augment=False,
+                 model_kwargs=TINY | {"patch_size": 8})
+    train(cfg)
+    losses = [json.loads(line)["cls"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
+
+
+def test_token_label_training_lowers_its_loss(labeled, tmp_path):
+    train(config(labeled, tmp_path, epochs=8, lr=0.5))
+    losses = [json.loads(line)["token"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(labeled, tmp_path, monkeypatch):
+    full = config(labeled, tmp_path / "full", save_every=1, ema=0.9)
+    train(full)
+
+    real_loss, calls = train_module.token_labeling_loss, {"n": 0}
+
+    def crash_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the run dies after step 3's checkpoint
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "token_labeling_loss", crash_on_fourth)
+    cut = config(labeled, tmp_path / "cut", save_every=1, ema=0.9)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut)
+    monkeypatch.setattr(train_module, "token_labeling_loss", real_loss)
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert state["epoch_step"] == 3 and state["position"]["epoch"] == 0
+    train(cut, resume=True)
+
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6  # 48 images in batches of 8
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_trainer_cli_train_resume_eval_artifacts(labeled, tmp_path):
+    store, labels = labeled
+    runner = CliRunner()
+    common = ["--store", str(store), "--dataset", "toy", "--labels", labels]
+    args = ["train", *common, "--model", "lvvit_t", "--out", str(tmp_path), "--input-size",
+            "32", "--batch-size", "8", "--workers", "0", "--registers", "2", "--sta",
+            "--anf", "--val-permille", "300", "--model-kwargs",
+            json.dumps({"depth": 2, "embed_dim": 48, "num_heads": 2, "stem_channels": 16})]
+    result = runner.invoke(main, [*args, "--epochs", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, [*args, "--epochs", "2", "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("epoch*.pt")) == ["epoch0000.pt",
+                                                                   "epoch0001.pt"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert steps == list(range(1, len(steps) + 1))  # the resumed run went on, not over
+
+    result = runner.invoke(main, ["eval", *common, "--checkpoint", str(tmp_path / "last.pt"),
+                                  "--val-permille", "300"], catch_exceptions=False)
+    scores = json.loads(result.output)
+    assert scores["images"] > 0 and 0 <= scores["top1"] <= scores["top5"] <= 1
+
+    result = runner.invoke(main, ["artifacts", str(tmp_path / "last.pt"), "--store", str(store),
+                                  "--dataset", "toy", "--images", "8"], catch_exceptions=False)
+    metrics = json.loads(result.output)
+    assert 0 <= metrics["outlier_token_share"] <= 1
+    assert 0 < metrics["cls_attention_entropy"] <= 1 and metrics["images"] == 8
+
+    result = runner.invoke(main, ["models"], catch_exceptions=False)
+    assert "lvvit_t\t8.53M" in result.output

@@ -1,0 +1,247 @@
+"""Training a ViT on images and token labels from the store: one loop, top to bottom.
+
+Per step: a batch of cropped, flipped images with their crop boxes; the stored top-K label maps
+densified on the device, cropped by the same boxes with RoIAlign (to the token grid for the
+patch tokens, to 1x1 for the class token) and flipped like the images; the model's class and
+token outputs (MixToken mixes patch embeddings, un-mixes the token outputs, and the class target
+is mixed by area); the token-labeling loss; AdamW with warm-up + cosine, AMP (bf16 on CUDA),
+gradient clipping, optional EMA. A checkpoint each epoch holds the model, optimizer, scheduler,
+EMA and the stream position, so ``--resume`` goes on mid-epoch in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
+from trainer.labels import densify, roi_align_labels
+from trainer.loss import ground_truth_loss, token_labeling_loss
+from trainer.models import create_model
+from trainer.models.mixtoken import box_area_fraction
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainConfig:
+    store: str
+    dataset: str
+    labels: str
+    out: str
+    model: str = "lvvit_t"
+    input_size: int = 224
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float = 1.6e-3  # per 1024 images, scaled by the global batch size
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+    clip_grad: float = 1.0
+    beta: float = 0.5  # weight of the token loss
+    label_smoothing: float = 0.0
+    token_label: bool = True  # False: the ground-truth class only (the baseline)
+    mix_token: bool = True
+    ema: float = 0.0  # EMA decay; 0 is off
+    workers: int = 4
+    seed: int = 0
+    val_permille: int = 20  # held out by path hash, for `trainer eval`
+    augment: bool = True  # RandomResizedCrop + flip
+    model_kwargs: dict = field(default_factory=dict)  # registers, sta, anf, ...
+    max_steps_per_epoch: int | None = None  # for smoke tests
+    save_every: int = 500  # steps between mid-epoch checkpoints (last.pt)
+    progress: bool = True
+
+
+class ForwardTrain(torch.nn.Module):
+    """``model.forward_train`` as a module's forward, so DistributedDataParallel sees the call."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_train(x)
+
+
+def distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun, or (0, 1, the best local device)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def targets(batch: dict, grid: tuple[int, int], num_classes: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-token target [B, C] and patch-token targets [B, N, C] for the crops in ``batch``."""
+    dense = densify(batch["logits"].to(device), batch["classes"].to(device),
+                    batch["lse"].to(device), num_classes)
+    boxes, flip = batch["box"].to(device), batch["flip"].to(device)
+    tokens = roi_align_labels(dense, boxes, grid, flip)  # [B, C, h, w]
+    cls = roi_align_labels(dense, boxes, (1, 1), flip)[:, :, 0, 0]
+    return cls, tokens.flatten(2).transpose(1, 2)
+
+
+def lr_at(step: float, config: TrainConfig, steps_per_epoch: int, base_lr: float) -> float:
+    warmup = config.warmup_epochs * steps_per_epoch
+    total = config.epochs * steps_per_epoch
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return config.min_lr + 0.5 * (base_lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    rank, world, device = distributed()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed + rank)
+
+    # -- data -------------------------------------------------------------------------------
+    stream_config = StreamConfig(store=config.store, dataset=config.dataset,
+                                 labelset=config.labels, image_size=config.input_size,
+                                 seed=config.seed, val_permille=config.val_permille,
+                                 augment=config.augment)
+    stream = TokenLabelStream(stream_config, rank=rank, world_size=world)
+    num_classes = stream.num_classes
+
+    # -- model, optimizer -------------------------------------------------------------------
+    model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
+                         mix_token=config.mix_token, **config.model_kwargs).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = ForwardTrain(model)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    base_lr = config.lr * config.batch_size * world / 1024
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1
+                                                               and "pos_embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr)
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema))
+        if config.ema else None)
+    steps_per_epoch = max(1, len(stream) // (config.batch_size * world))
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+
+    # -- resume -----------------------------------------------------------------------------
+    step, start_epoch, epoch_step = 0, 0, 0
+    checkpoint_path = out / "last.pt"
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        step, epoch_step = state["step"], state["epoch_step"]
+        torch.set_rng_state(state["rng"])  # MixToken boxes and drop-path draw from it
+        stream.position = StreamPosition.from_dict(state["position"])
+        start_epoch = stream.position.epoch
+
+    def save(name: str, position: StreamPosition, epoch_step: int) -> None:
+        if rank != 0:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None, "step": step,
+                 "epoch_step": epoch_step, "position": position.to_dict(),
+                 "rng": torch.get_rng_state(),
+                 "config": asdict(config), "num_classes": num_classes}
+        torch.save(state, out / f"{name}.tmp")
+        os.replace(out / f"{name}.tmp", out / name)  # a crash mid-save keeps the old file
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    last: dict = {}
+
+    for epoch in range(start_epoch, config.epochs):
+        stream.set_epoch(epoch)  # keeps a resumed position within its epoch
+        position = stream.position
+        # Its own generator: creating the loader then draws nothing from the global RNG, so a
+        # resumed run's RNG stays where the checkpoint left it.
+        loader = DataLoader(stream, batch_size=config.batch_size, num_workers=config.workers,
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(config.seed + epoch))
+        model.train()
+        bar = tqdm(loader, total=steps_per_epoch, disable=rank != 0 or not config.progress,
+                   desc=f"epoch {epoch}",
+                   unit="step")
+        began, seen = time.perf_counter(), 0
+        for batch in bar:
+            if epoch_step >= steps_per_epoch:
+                break
+            for lr_group in optimizer.param_groups:
+                lr_group["lr"] = lr_at(step, config, steps_per_epoch, base_lr)
+            x = batch["image"].to(device, non_blocking=True).float()
+            x = ((x - mean) / std).contiguous(
+                memory_format=torch.channels_last if device.type == "cuda"
+                else torch.contiguous_format)
+            with autocast:
+                cls_logits, token_logits, mix_box = net(x)
+            cls_logits, token_logits = cls_logits.float(), token_logits.float()
+            if config.token_label:
+                cls_target, token_target = targets(batch, model.grid, num_classes, device)
+            else:
+                cls_target = F.one_hot(batch["target"].to(device), num_classes).float()
+            if mix_box is not None:  # the class token saw two images: mix its target by area
+                area = box_area_fraction(mix_box, model.grid)
+                cls_target = (1 - area) * cls_target + area * cls_target.flip(0)
+            if config.token_label:
+                loss, parts = token_labeling_loss(cls_logits, token_logits, cls_target,
+                                                  token_target, beta=config.beta,
+                                                  label_smoothing=config.label_smoothing)
+            else:
+                loss, parts = ground_truth_loss(cls_logits, cls_target,
+                                                label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            epoch_step += 1
+            seen += len(x)
+            for stream_id, seq in zip(batch["stream"].tolist(), batch["seq"].tolist(),
+                                      strict=True):
+                position.consumed[stream_id] = max(position.consumed.get(stream_id, 0), seq + 1)
+            last = {"epoch": epoch, "step": step, "loss": loss.item(),
+                    **{k: float(v) for k, v in parts.items()},
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if metrics_file:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            if config.save_every and step % config.save_every == 0:
+                save("last.pt", position, epoch_step)  # mid-epoch: resumes in the same order
+        last["images_per_s"] = seen * world / max(1e-9, time.perf_counter() - began)
+        epoch_step = 0
+        save(f"epoch{epoch:04d}.pt", StreamPosition(epoch + 1), 0)
+        save("last.pt", StreamPosition(epoch + 1), 0)
+    if metrics_file:
+        metrics_file.close()
+    return last
