@@ -18,7 +18,7 @@ Options (config fields, also ``create_model(name, **overrides)`` keywords):
 * ``registers`` (Darcet et al. 2024): learnable tokens after the class token, no position
   embedding, dropped at the output.
 * ``mix_token``: MixToken in ``forward_train`` when training (see :mod:`.mixtoken`).
-* STA, stochastic token augmentation ("Enhancing Transformer-Based Vision Models: Addressing
+* STA, Structured Token Augmentation ("Enhancing Transformer-Based Vision Models: Addressing
   Feature Map Anomalies", 2025): ``x_i + alpha * 1[Var(x_i) < tau] * eps_i``,
   ``eps ~ N(0, sigma^2)``. Choices the paper leaves open, and what controls them:
 
