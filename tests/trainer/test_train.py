@@ -4,6 +4,9 @@ resume, and the ``trainer`` CLI (train, --resume, eval, artifacts, models)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,18 @@ def test_trainer_cli_train_resume_eval_artifacts(labeled, tmp_path):
 
     result = runner.invoke(main, ["models"], catch_exceptions=False)
     assert "lvvit_t\t8.53M" in result.output
+
+
+def test_torchrun_two_processes_train_with_ddp(labeled, tmp_path):
+    """Two ranks on CPU (gloo): each streams its own shards; rank 0 writes the checkpoints."""
+    store, labels = labeled
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "trainer", "train", "--store", str(store),
+         "--dataset", "toy", "--labels", labels, "--model", "vit_tiny", "--out", str(tmp_path),
+         "--input-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "1",
+         "--model-kwargs", json.dumps(TINY)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["step"] == 47 // (4 * 2)  # 47 training images over 2 ranks x batches of 4
