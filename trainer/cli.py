@@ -31,6 +31,8 @@ def main() -> None:
 @click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Token loss weight.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--gt-weight", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Blend the ground-truth class into the class target.")
 @click.option("--no-token-label", is_flag=True, help="Ground-truth class only (the baseline).")
 @click.option("--no-mix-token", is_flag=True)
 @click.option("--registers", type=click.IntRange(0), default=0, show_default=True)
@@ -49,8 +51,8 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Go on from OUT/last.pt, mid-epoch if it was.")
 def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
           epochs: int, batch_size: int, lr: float, warmup_epochs: float, beta: float,
-          label_smoothing: float, no_token_label: bool, no_mix_token: bool, registers: int,
-          sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
+          label_smoothing: float, gt_weight: float, no_token_label: bool, no_mix_token: bool,
+          registers: int, sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
           max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
           resume: bool) -> None:
     """Train MODEL on DATASET's images and the token labels of label set LABELS."""
@@ -61,7 +63,8 @@ def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_
     config = TrainConfig(store=store, dataset=dataset, labels=labelset, out=str(out),
                          model=model, input_size=input_size, epochs=epochs,
                          batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, beta=beta,
-                         label_smoothing=label_smoothing, token_label=not no_token_label,
+                         label_smoothing=label_smoothing, gt_weight=gt_weight,
+                         token_label=not no_token_label,
                          mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,
                          model_kwargs=kwargs, max_steps_per_epoch=max_steps_per_epoch,
                          save_every=save_every, val_permille=val_permille)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
 from trainer.labels import densify, roi_align_labels
-from trainer.loss import ground_truth_loss, token_labeling_loss
+from trainer.loss import class_target, ground_truth_loss, token_labeling_loss
 from trainer.models import create_model
 from trainer.models.mixtoken import box_area_fraction
 
@@ -51,6 +51,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     clip_grad: float = 1.0
     beta: float = 0.5  # weight of the token loss
+    gt_weight: float = 0.0  # class target: (1 - w) teacher's crop label + w ground truth
     label_smoothing: float = 0.0
     token_label: bool = True  # False: the ground-truth class only (the baseline)
     mix_token: bool = True
@@ -100,6 +101,15 @@ def targets(batch: dict, grid: tuple[int, int], num_classes: int,
     tokens = roi_align_labels(dense, boxes, grid, flip)  # [B, C, h, w]
     cls = roi_align_labels(dense, boxes, (1, 1), flip)[:, :, 0, 0]
     return cls, tokens.flatten(2).transpose(1, 2)
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def lr_at(step: float, config: TrainConfig, steps_per_epoch: int, base_lr: float) -> float:
@@ -176,6 +186,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    board = tensorboard_writer(out) if rank == 0 else None
     last: dict = {}
 
     for epoch in range(start_epoch, config.epochs):
@@ -205,6 +216,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             cls_logits, token_logits = cls_logits.float(), token_logits.float()
             if config.token_label:
                 cls_target, token_target = targets(batch, model.grid, num_classes, device)
+                cls_target = class_target(cls_target, batch["target"], config.gt_weight)
             else:
                 cls_target = F.one_hot(batch["target"].to(device), num_classes).float()
             if mix_box is not None:  # the class token saw two images: mix its target by area
@@ -236,6 +248,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             if metrics_file:
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
+            if board is not None:
+                for key in ("loss", "cls", "token", "lr", "grad_norm"):
+                    if key in last:
+                        board.add_scalar(f"train/{key}", last[key], step)
             if config.save_every and step % config.save_every == 0:
                 save("last.pt", position, epoch_step)  # mid-epoch: resumes in the same order
         last["images_per_s"] = seen * world / max(1e-9, time.perf_counter() - began)
@@ -244,4 +260,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         save("last.pt", StreamPosition(epoch + 1), 0)
     if metrics_file:
         metrics_file.close()
+    if board is not None:
+        board.close()
     return last
