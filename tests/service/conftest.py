@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from labeler_service.sample import make_random_checkpoint, make_sample_images
+from storage import LabelSetConfig, Store, TeacherSpec
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 API_KEY = "test-key-0123456789"
@@ -147,6 +148,16 @@ def cluster(tmp_path: Path, redis_db: redis.Redis) -> Iterator[Cluster]:
     for proc in [cluster.api, *cluster.workers]:
         stop(proc, signal.SIGKILL)
     redis_db.flushdb()
+
+
+def make_empty_labelset(store: str) -> str:
+    """An empty (all pending) label set of dataset ``toy``, written straight into the store."""
+    dataset = Store.open(store).dataset("toy")
+    teacher = TeacherSpec(model="test_nfnet", checkpoint_sha256=None, num_classes=3,
+                          input_size=64, class_names=tuple(dataset.class_names))
+    return dataset.create_labelset(LabelSetConfig(
+        teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint,
+        shard_size=4)).id
 
 
 JOB = {"dataset": "toy", "topk": 2,

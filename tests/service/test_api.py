@@ -23,8 +23,7 @@ from labeler_service.api.main import create_app
 from labeler_service.api.schemas import JobCreate
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
-from storage import LabelSetConfig, Store, TeacherSpec
-from tests.service.conftest import JOB, REDIS_URL
+from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
 
 # db 11 like the other service tests; another db when sessions share one Redis at the same time.
 REDIS_URL = os.environ.get("LABELER_TEST_API_REDIS_URL", REDIS_URL)
@@ -187,14 +186,7 @@ def test_no_configured_keys_means_every_v1_route_is_401(start):
 
 
 def make_labelset(settings: Settings) -> str:
-    """An empty (all pending) label set of ``toy``, written straight into the store."""
-    dataset = Store.open(settings.store).dataset("toy")
-    teacher = TeacherSpec(model="test_nfnet", checkpoint_sha256=None, num_classes=3,
-                          input_size=64, class_names=tuple(dataset.class_names))
-    labelset = dataset.create_labelset(LabelSetConfig(
-        teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint,
-        shard_size=4))
-    return labelset.id
+    return make_empty_labelset(settings.store)
 
 
 def test_unknown_resources_are_404(registered: TestClient):

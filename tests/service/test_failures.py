@@ -28,6 +28,16 @@ def bigger_dataset(cluster: Cluster) -> None:
     make_sample_images(cluster.root / "data" / "toy", per_class=8)
 
 
+def start_slow_job(cluster: Cluster, workers: tuple[str, ...] = ("w0",),
+                   **settings: str) -> tuple[str, list[subprocess.Popen]]:
+    """The API, workers and a 24-image job of slow shards; returns (job id, worker processes)."""
+    cluster.settings.update(SLOW | settings)
+    bigger_dataset(cluster)
+    cluster.start_api()
+    procs = [cluster.start_worker(name) for name in workers]
+    return submit(cluster), procs
+
+
 def submit(cluster: Cluster) -> str:
     with cluster.client() as client:
         assert client.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 201
@@ -80,12 +90,7 @@ def assert_equals_clean_run(cluster: Cluster, job: dict) -> None:
 
 
 def test_two_workers_one_child_killed_mid_shard(cluster: Cluster, redis_db):
-    cluster.settings.update(SLOW)
-    bigger_dataset(cluster)
-    cluster.start_api()
-    first = cluster.start_worker("w0")
-    second = cluster.start_worker("w1")
-    job_id = submit(cluster)
+    job_id, (first, second) = start_slow_job(cluster, workers=("w0", "w1"))
     wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
     time.sleep(0.1)  # into the next shard (4 images of ~50 ms)
     (child,) = children(first.pid)  # the prefork child running w0's current task
@@ -98,12 +103,8 @@ def test_two_workers_one_child_killed_mid_shard(cluster: Cluster, redis_db):
 
 
 def test_whole_worker_killed_then_redelivered(cluster: Cluster, redis_db):
-    cluster.settings.update({**SLOW, "LABELER_VISIBILITY_TIMEOUT": "10",
-                             "LABELER_TASK_TIME_LIMIT": "8"})
-    bigger_dataset(cluster)
-    cluster.start_api()
-    worker = cluster.start_worker("w0")
-    job_id = submit(cluster)
+    job_id, (worker,) = start_slow_job(cluster, LABELER_VISIBILITY_TIMEOUT="10",
+                                       LABELER_TASK_TIME_LIMIT="8")
     wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
     time.sleep(0.1)
     stop(worker, signal.SIGKILL)  # the machine is lost: parent and child, no goodbye
@@ -117,11 +118,7 @@ def test_whole_worker_killed_then_redelivered(cluster: Cluster, redis_db):
 
 
 def test_redis_emptied_and_api_restarted(cluster: Cluster, redis_db):
-    cluster.settings.update(SLOW)
-    bigger_dataset(cluster)
-    cluster.start_api()
-    cluster.start_worker("w0")
-    job_id = submit(cluster)
+    job_id, _ = start_slow_job(cluster)
     wait_for(lambda: shards_written(cluster) >= 2, what="two shards")
     redis_db.flushdb()  # jobs, counters, queue: all gone
     cluster.stop_api()
@@ -160,12 +157,8 @@ def test_redis_restarted_mid_job(cluster: Cluster):
     port = free_port()
     server = start_redis(port, cluster.root)
     cluster.redis_url = f"redis://127.0.0.1:{port}/0"
-    cluster.settings.update(SLOW)
-    bigger_dataset(cluster)
     try:
-        cluster.start_api()
-        cluster.start_worker("w0")
-        job_id = submit(cluster)
+        job_id, _ = start_slow_job(cluster)
         wait_for(lambda: shards_written(cluster) >= 2, what="two shards")
         stop(server, signal.SIGKILL)
         server = start_redis(port, cluster.root)  # empty: it kept nothing
@@ -177,11 +170,7 @@ def test_redis_restarted_mid_job(cluster: Cluster):
 
 
 def test_cancel_a_running_job_stops_between_batches(cluster: Cluster):
-    cluster.settings.update(SLOW)
-    bigger_dataset(cluster)
-    cluster.start_api()
-    cluster.start_worker("w0")
-    job_id = submit(cluster)
+    job_id, _ = start_slow_job(cluster)
     wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
     with cluster.client() as client:
         r = client.post(f"/v1/jobs/{job_id}:cancel")

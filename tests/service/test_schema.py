@@ -32,8 +32,7 @@ from schemathesis.generation import GenerationMode
 from labeler_service.api.main import create_app
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
-from storage import LabelSetConfig, Store, TeacherSpec
-from tests.service.conftest import JOB, REDIS_URL
+from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +73,7 @@ def service(tmp_path: Path, checkpoint: Path) -> Iterator[Service]:
         r = setup.post("/v1/jobs", json=JOB)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-    dataset = Store.open(config.store).dataset("toy")
-    teacher = TeacherSpec(model="test_nfnet", checkpoint_sha256=None, num_classes=3,
-                          input_size=64, class_names=tuple(dataset.class_names))
-    labelset = dataset.create_labelset(LabelSetConfig(
-        teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint,
-        shard_size=4))
-    yield Service(app, job_id, labelset.id)
+    yield Service(app, job_id, make_empty_labelset(config.store))
     client.flushdb()
     client.close()
 
