@@ -126,3 +126,15 @@ def test_stale_labels_are_refused(labeled, tmp_path):
             TokenLabelStream(config(labeled))
     finally:
         labelset.group.attrs["dataset_fingerprint"] = original
+
+
+def test_colour_jitter_moves_no_pixels(labeled):
+    plain = TokenLabelStream(config(labeled, color_jitter=0.0))
+    jittered = TokenLabelStream(config(labeled, color_jitter=0.4))
+    a, b = next(iter(plain)), next(iter(jittered))
+    assert a["index"] == b["index"] and torch.equal(a["box"], b["box"]) and a["flip"] == b["flip"]
+    assert not torch.equal(a["image"], b["image"])  # other colours
+    # ...at the same places: where the plain crop has an edge, the jittered one has it too
+    edges = (a["image"].float().diff(dim=-1).abs().sum(0) > 30)
+    moved = (b["image"].float().diff(dim=-1).abs().sum(0) > 5)
+    assert (moved[edges]).float().mean() > 0.9

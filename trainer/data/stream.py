@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.transforms.v2 import functional as TF
 
 from labeler_service.images import to_rgb
 from storage import ImageStatus, LabelSet, Store, StoreError
@@ -53,6 +54,7 @@ class StreamConfig:
     augment: bool = True  # RandomResizedCrop + flip (train); whole image resized (val)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.4  # brightness, contrast, saturation in [1 - j, 1 + j]; 0 is off
 
 
 @dataclass
@@ -165,6 +167,7 @@ class TokenLabelStream(IterableDataset):
         for seq, index in enumerate(self.order(stream, streams)):
             # drawn for skipped samples too, so a resumed stream draws the same boxes after them
             box, flip = self.sample_box(index, generator)
+            colour = self.sample_colour(generator)
             if seq < skip:
                 continue
             shard = index // self.shard_size
@@ -175,7 +178,7 @@ class TokenLabelStream(IterableDataset):
             block = blocks[shard]
             row = index - block.start
             yield {
-                "image": self.load_image(index, box, flip),
+                "image": self.load_image(index, box, flip, colour),
                 "logits": torch.from_numpy(block.logits[row].astype(np.float32)),
                 "classes": torch.from_numpy(block.classes[row].astype(np.int64)),
                 "lse": torch.from_numpy(block.lse[row]),
@@ -197,17 +200,33 @@ class TokenLabelStream(IterableDataset):
                           generator=generator)
         return tuple(box), bool(torch.rand((), generator=generator) < 0.5)
 
+    def sample_colour(self, generator: torch.Generator) -> tuple[float, float, float] | None:
+        """Brightness, contrast and saturation factors: colour changes that move no pixel, so
+        the labels need no change."""
+        jitter = self.config.color_jitter
+        if not (jitter and self.config.augment and self.config.split == "train"):
+            return None
+        factors = 1 - jitter + 2 * jitter * torch.rand(3, generator=generator)
+        return tuple(factors.tolist())
+
     def to_grid(self, index: int, box: tuple) -> tuple[float, ...]:
         """A box in image pixels to label-grid coordinates (the grid covers the whole image)."""
         return tuple(image_box_to_grid(box, self.sizes[index].tolist(), self.grid))
 
-    def load_image(self, index: int, box: tuple, flip: bool) -> torch.Tensor:
+    def load_image(self, index: int, box: tuple, flip: bool,
+                   colour: tuple[float, float, float] | None = None) -> torch.Tensor:
         """Decode (full resolution: a small crop needs every pixel), orient, crop by ``box`` and
-        resize in one resampling, then flip."""
+        resize in one resampling, then flip and adjust colours."""
         size = self.config.image_size
         with Image.open(self.source_root / self.paths[index]) as img:
             picture = to_rgb(ImageOps.exif_transpose(img))
         crop = picture.resize((size, size), Image.Resampling.BICUBIC, box=box)
         if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if colour is not None:
+            brightness, contrast, saturation = colour
+            pixels = TF.adjust_brightness(pixels, brightness)
+            pixels = TF.adjust_contrast(pixels, contrast)
+            pixels = TF.adjust_saturation(pixels, saturation)
+        return pixels
