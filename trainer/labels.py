@@ -224,13 +224,13 @@ def roi_align_labels(dense: torch.Tensor, boxes: torch.Tensor | Sequence[Sequenc
     rois = torch.cat([index, boxes], dim=1)  # [B, 5]: (batch index, x1, y1, x2, y2)
     maps = roi_align(dense, rois, output_size=tuple(output_size), spatial_scale=1.0,
                      sampling_ratio=sampling_ratio, aligned=True)
+    # Both steps touch [B, C, h, w] with C ~ 1000, on every training step: as few full passes as
+    # possible (flip only the flipped samples; renormalise and fill empty cells in one addcmul).
     if flip is not None:
         flip = torch.as_tensor(flip, device=dense.device, dtype=torch.bool)
-        maps = torch.where(flip[:, None, None, None], maps.flip(-1), maps)
+        maps[flip] = maps[flip].flip(-1)
     total = maps.sum(dim=1, keepdim=True)
-    empty = total <= 0
-    maps = torch.where(empty, torch.full_like(maps, 1.0 / c), maps / total.clamp(min=1e-12))
-    return maps
+    return torch.addcmul((total <= 0).to(maps.dtype) / c, maps, 1.0 / total.clamp(min=1e-12))
 
 
 def resized_crop_tensor(image: torch.Tensor, box: Sequence[int], size: int | Sequence[int],

@@ -1,0 +1,567 @@
+"""Train step time with token labels on vs off, ANF and STA on vs off, and the loader's rate.
+
+1. Step timings, on pre-built synthetic batches (no loader, no disk: it cannot interfere). A pool
+   of ``--distinct-batches`` batches in the exact format ``TokenLabelStream`` + ``DataLoader``
+   yield: ``image`` uint8 [B, 3, S, S] (random pixels), ``logits`` float32 [B, K, h, w] (top-K of
+   a random 1000-class teacher map with one dominant class per image, rounded through float16
+   as stored, sorted descending), ``classes`` int64, ``lse`` float32 [B, h, w] (the full
+   logsumexp), ``box`` float32 [B, 4] in label-grid coordinates (``sample_crop`` on a 300-500 x
+   280-420 px image, ~400x350 like ImageNet, mapped with ``image_box_to_grid``, as the stream
+   does), ``flip`` bool [B], ``target`` int64 [B]. Default label geometry: K = 5, 1000 classes,
+   a 14x14 grid (a stride-32 teacher at 448 px); ``--label-grid 18`` for an NFNet-F6 at 576 px.
+
+   One step is the body of ``trainer.train.train``'s loop, line for line: ``lr_at``, the uint8
+   batch to the device and normalised, ``ForwardTrain(model)`` (``forward_train``: MixToken on
+   by default, as in training), then with token labels ``trainer.train.targets`` (densify +
+   RoIAlign to the token grid and to 1x1 + flip) and ``token_labeling_loss``, without them
+   (``--no-token-label``) ``F.one_hot(target)`` and ``ground_truth_loss``; the MixToken area
+   mix of the class target, ``zero_grad``, ``backward``, ``clip_grad_norm_`` (1.0), AdamW
+   ``step`` (decay / no-decay groups as in ``train``), ``loss.item()`` and ``float(grad_norm)``
+   (the metrics line). The model comes from ``create_model`` with the same seed for every
+   variant. On CUDA as ``train`` runs it: channels_last, bf16 autocast, pinned batches, plus
+   ``torch.cuda.synchronize()`` before every clock read.
+
+   Variants: ``ce`` (``--no-token-label``), ``token label``, ``token label + ANF``, ``token
+   label + STA``. Each gets ``--warmup`` untimed steps, then ``--steps`` timed steps, the variants
+   interleaved step by step (in a rotating order) so that drift of the machine hits them all
+   alike; the global RNG is re-seeded per step so that every variant draws the same MixToken
+   boxes. Reported: the median per-step time, its spread (interquartile range / median), img/s
+   = batch / median, the ratio of medians to the variant's baseline (the verdict) and, as
+   cross-checks, the median of the per-step ratios (``paired``: step s of both variants ran
+   back to back on the same batch) and the ratio of the fastest steps (``min``). Targets:
+   token label / ce <= 1.03, ANF / token label <= 1.05; STA / token label is reported without a
+   target.
+
+   A breakdown of the token-label extras, each alone on the same batches (median of
+   ``--parts-reps``): ``densify``, ``roi_align_labels`` to the token grid and to 1x1,
+   ``targets()`` as a whole, and ``token_labeling_loss`` forward + backward on leaf logits
+   against ``ground_truth_loss`` forward + backward. What the step difference leaves over is
+   mostly the aux head's backward (its logits get a gradient only with token labels), reported
+   as "rest of the step difference" (step difference - targets() - (token loss - ce loss)).
+
+2. Loader (``--loader-images`` > 0): an ImageFolder of ImageNet-like JPEGs
+   (``bench_label.make_imagenet_like``: 300-500 x 280-420 px, ~90 KB), labeled by
+   ``label_dataset`` with a random-weight ``test_nfnet`` (1000 classes, top-5) at
+   ``--label-size`` px (448: a 14x14 grid), shards of ``--loader-shard-size`` images (so every
+   worker gets shards). Then ``TokenLabelStream`` (RandomResizedCrop + flip, val_permille 0)
+   through the ``DataLoader`` that ``train`` builds (batch ``--batch-size``, drop_last), for each
+   ``--loader-workers`` count, ``--loader-epochs`` epochs, no model. Reported: images/s over the
+   whole epoch (worker start-up, which ``train`` pays once per epoch, included) and steady-state
+   images/s (the clock starts when every worker has delivered its first batch; only the
+   batches after that count), against the model's consumption rate (img/s of the token-label
+   train step). On a CPU machine the loader would share the cores with the model in a real run;
+   here each is measured alone. The first real batch's keys, dtypes and shapes are compared with
+   the synthetic batches'.
+
+Defaults: ``lvvit_t`` at 224 px (5.3 GFLOPs/image forward), batch 32, 20 timed steps after 3
+warm-up steps per variant, 256 loader images labeled at 448 px. On 2 idle CPU cores (Xeon,
+torch 2.14) a batch-32 step takes ~3.1 s, so the step part takes ~5 minutes (4 variants x 23
+steps), the labeling ~15 s and the loader a few seconds: ~5.5 minutes in all. Single steps
+vary by ~5 % there (outliers of 2-3x when anything else runs): keep the machine otherwise idle.
+``--steps 3 --warmup 1 --batch-size 8 --loader-images 64 --loader-shard-size 16`` checks the
+script in about a minute.
+
+Prints tables, then one JSON line with every number (also to ``--json-out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_label import make_imagenet_like
+from common import emit
+from torch.utils.data import DataLoader
+
+from labeler_service.labeling import LabelingOptions, label_dataset
+from labeler_service.sample import make_random_checkpoint
+from storage import Store
+from trainer.data.stream import StreamConfig, TokenLabelStream
+from trainer.labels import densify, image_box_to_grid, roi_align_labels, sample_crop
+from trainer.loss import ground_truth_loss, token_labeling_loss
+from trainer.models import create_model
+from trainer.models.mixtoken import box_area_fraction
+from trainer.train import IMAGENET_MEAN, IMAGENET_STD, ForwardTrain, TrainConfig, lr_at, targets
+
+DATASET = "bench"
+IMAGENET_TRAIN_IMAGES = 1_281_167  # only for lr_at's schedule position
+
+
+# -- synthetic batches --------------------------------------------------------------------------
+
+def synthetic_batch(batch_size: int, image_size: int, topk: int, num_classes: int,
+                    grid: int, generator: torch.Generator) -> dict:
+    """One batch as the stream + default collate yield it (see the module docstring)."""
+    g = generator
+    boxes, flips = [], []
+    for _ in range(batch_size):
+        width = int(torch.randint(300, 501, (), generator=g))
+        height = int(torch.randint(280, 421, (), generator=g))
+        box = sample_crop(width, height, generator=g)
+        boxes.append(list(image_box_to_grid(box, (width, height), (grid, grid))))
+        flips.append(bool(torch.rand((), generator=g) < 0.5))
+    target = torch.randint(num_classes, (batch_size,), generator=g)
+    teacher = torch.randn(batch_size, num_classes, grid, grid, generator=g) * 2.0
+    teacher[torch.arange(batch_size), target] += 8.0  # one dominant class per image
+    logits, classes = teacher.topk(topk, dim=1)  # sorted, descending
+    return {
+        "image": torch.randint(0, 256, (batch_size, 3, image_size, image_size),
+                               generator=g, dtype=torch.uint8),
+        "logits": logits.half().float(),  # stored as float16, read back as float32
+        "classes": classes.long(),
+        "lse": torch.logsumexp(teacher, dim=1),
+        "box": torch.tensor(boxes, dtype=torch.float32),
+        "flip": torch.tensor(flips, dtype=torch.bool),
+        "target": target.long(),
+    }
+
+
+def signature(batch: dict, keys) -> dict:
+    return {k: [str(batch[k].dtype).removeprefix("torch."), list(batch[k].shape)] for k in keys}
+
+
+# -- the train step -----------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    name: str
+    token_label: bool
+    model_kwargs: dict
+    baseline: str | None = None
+    target: float | None = None
+    times: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """One variant's model, optimizer and step: ``train``'s setup and loop body."""
+
+    def __init__(self, args, variant: Variant, num_classes: int, device: torch.device):
+        self.config = config = TrainConfig(
+            store="", dataset="", labels="", out="", model=args.model,
+            input_size=args.input_size, batch_size=args.batch_size,
+            token_label=variant.token_label, mix_token=args.mix_token,
+            model_kwargs=dict(variant.model_kwargs), seed=args.seed)
+        self.device, self.num_classes = device, num_classes
+        torch.manual_seed(config.seed)  # the same initial weights for every variant
+        model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
+                             mix_token=config.mix_token, **config.model_kwargs).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.net = model, ForwardTrain(model)
+        self.base_lr = config.lr * config.batch_size / 1024
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1
+                                                                   and "pos_embed" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.base_lr)
+        self.steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.params = sum(p.numel() for p in model.parameters())
+        self.step_count = 0
+        model.train()
+
+    def step(self, batch: dict) -> float:
+        config, device, model, optimizer = self.config, self.device, self.model, self.optimizer
+        num_classes = self.num_classes
+        for lr_group in optimizer.param_groups:
+            lr_group["lr"] = lr_at(self.step_count, config, self.steps_per_epoch, self.base_lr)
+        x = batch["image"].to(device, non_blocking=True).float()
+        x = ((x - self.mean) / self.std).contiguous(
+            memory_format=torch.channels_last if device.type == "cuda"
+            else torch.contiguous_format)
+        with self.autocast:
+            cls_logits, token_logits, mix_box = self.net(x)
+        cls_logits, token_logits = cls_logits.float(), token_logits.float()
+        if config.token_label:
+            cls_target, token_target = targets(batch, model.grid, num_classes, device)
+        else:
+            cls_target = F.one_hot(batch["target"].to(device), num_classes).float()
+        if mix_box is not None:
+            area = box_area_fraction(mix_box, model.grid)
+            cls_target = (1 - area) * cls_target + area * cls_target.flip(0)
+        if config.token_label:
+            loss, parts = token_labeling_loss(cls_logits, token_logits, cls_target,
+                                              token_target, beta=config.beta,
+                                              label_smoothing=config.label_smoothing)
+        else:
+            loss, parts = ground_truth_loss(cls_logits, cls_target,
+                                            label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        optimizer.step()
+        self.step_count += 1
+        # train()'s metrics line (it syncs on CUDA, as there)
+        last = {"loss": loss.item(), **{k: float(v) for k, v in parts.items()},
+                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+        return last["loss"]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_steps(args, variants: list[Variant], pool: list[dict], num_classes: int,
+               device: torch.device) -> dict:
+    trainers = [Trainer(args, v, num_classes, device) for v in variants]
+    losses: dict[str, list[float]] = {v.name: [] for v in variants}
+    for w in range(args.warmup):
+        for v, t in zip(variants, trainers, strict=True):
+            torch.manual_seed(args.seed + 1_000 + w)
+            losses[v.name].append(t.step(pool[w % len(pool)]))
+    for s in range(args.steps):
+        batch = pool[(args.warmup + s) % len(pool)]
+        order = [(s + i) % len(variants) for i in range(len(variants))]  # rotate
+        for i in order:
+            v, t = variants[i], trainers[i]
+            torch.manual_seed(args.seed + 2_000 + s)  # the same MixToken box for every variant
+            synchronize(device)
+            start = time.perf_counter()
+            loss = t.step(batch)
+            synchronize(device)
+            v.times.append(time.perf_counter() - start)
+            losses[v.name].append(loss)
+        print(f"  step {s + 1}/{args.steps}: "
+              + ", ".join(f"{v.name} {v.times[-1] * 1e3:.0f} ms" for v in variants),
+              file=sys.stderr, flush=True)
+    return {"params": {v.name: t.params for v, t in zip(variants, trainers, strict=True)},
+            "losses": losses}
+
+
+# -- the token-label extras alone ---------------------------------------------------------------
+
+def time_parts(args, pool: list[dict], grid: tuple[int, int], num_classes: int,
+               device: torch.device) -> dict:
+    """Median seconds of each token-label extra, alone, over ``--parts-reps`` repetitions."""
+    n_tokens = grid[0] * grid[1]
+    b = args.batch_size
+    gen = torch.Generator().manual_seed(args.seed)
+    cls_leaf = torch.randn(b, num_classes, generator=gen).to(device).requires_grad_()
+    tok_leaf = torch.randn(b, n_tokens, num_classes, generator=gen).to(device).requires_grad_()
+
+    def on_device(batch):
+        return {k: batch[k].to(device) for k in ("logits", "classes", "lse", "box", "flip")}
+
+    def dense_of(d):
+        return densify(d["logits"], d["classes"], d["lse"], num_classes)
+
+    def tl_loss(batch):
+        cls_t, tok_t = targets(batch, grid, num_classes, device)
+        loss, _ = token_labeling_loss(cls_leaf, tok_leaf, cls_t, tok_t, beta=0.5)
+        loss.backward()
+        cls_leaf.grad = tok_leaf.grad = None
+
+    def ce_loss(batch):
+        target = F.one_hot(batch["target"].to(device), num_classes).float()
+        loss, _ = ground_truth_loss(cls_leaf, target)
+        loss.backward()
+        cls_leaf.grad = None
+
+    cases = {
+        "densify": lambda d, batch: dense_of(d),
+        "roi_align tokens": lambda d, batch: roi_align_labels(d["dense"], d["box"], grid,
+                                                              d["flip"]),
+        "roi_align 1x1": lambda d, batch: roi_align_labels(d["dense"], d["box"], (1, 1),
+                                                           d["flip"]),
+        "targets()": lambda d, batch: targets(batch, grid, num_classes, device),
+        "targets + token loss f+b": lambda d, batch: tl_loss(batch),
+        "ce loss f+b": lambda d, batch: ce_loss(batch),
+    }
+    prepared = []
+    for batch in pool:
+        d = on_device(batch)
+        d["dense"] = dense_of(d)
+        prepared.append((d, batch))
+    out = {}
+    for name, fn in cases.items():
+        fn(*prepared[0])  # warm-up
+        times = []
+        for r in range(args.parts_reps):
+            d, batch = prepared[r % len(prepared)]
+            times.append(timed(lambda fn=fn, d=d, batch=batch: fn(d, batch), device))
+        out[name] = statistics.median(times)
+    out["token loss f+b"] = out["targets + token loss f+b"] - out["targets()"]
+    return out
+
+
+# -- the loader ---------------------------------------------------------------------------------
+
+def time_loader(args, base: Path, device: torch.device, synthetic: dict) -> dict:
+    t0 = time.perf_counter()
+    images = base / "images"
+    mean_bytes = make_imagenet_like(images, args.loader_images, args.seed, 32.0, 90)
+    checkpoint = make_random_checkpoint(base / "test_nfnet.safetensors", model="test_nfnet",
+                                        num_classes=1000, seed=args.seed)
+    store = Store.open(base / "store")
+    store.add_dataset(DATASET, images)
+    t1 = time.perf_counter()
+    report = label_dataset(store, DATASET, "test_nfnet", checkpoint, args.label_size, args.topk,
+                           LabelingOptions(batch_size=32, shard_size=args.loader_shard_size,
+                                           progress=False),
+                           ignore_dataset_classes=True)
+    label_s = time.perf_counter() - t1
+    if report.images_labeled != args.loader_images:
+        raise RuntimeError(f"labeled {report.images_labeled} of {args.loader_images} images: "
+                           f"{report.failures[:3]}")
+    stream = TokenLabelStream(StreamConfig(store=str(base / "store"), dataset=DATASET,
+                                           labelset=report.labelset_id,
+                                           image_size=args.input_size, seed=args.seed,
+                                           val_permille=0))
+    out = {"images": len(stream), "mean_jpeg_bytes": mean_bytes, "grid": list(stream.grid),
+           "label_size": args.label_size, "shard_size": args.loader_shard_size,
+           "setup_s": t1 - t0, "label_s": label_s, "runs": []}
+    for workers in args.loader_workers:
+        epoch_s, steady_s, epoch_images, steady_images, startup_s = 0.0, 0.0, 0, 0, []
+        for epoch in range(args.loader_epochs):
+            stream.set_epoch(epoch)
+            loader = DataLoader(stream, batch_size=args.batch_size, num_workers=workers,
+                                pin_memory=device.type == "cuda", drop_last=True,
+                                generator=torch.Generator().manual_seed(args.seed + epoch))
+            arrivals, sizes = [], []
+            start = time.perf_counter()
+            for batch in loader:
+                arrivals.append(time.perf_counter())
+                sizes.append(len(batch["image"]))
+                if "format" not in out:
+                    real = signature(batch, synthetic)
+                    out["format"] = {"stream": real, "synthetic": signature(synthetic, synthetic)}
+            if not arrivals:
+                raise RuntimeError("the loader yielded no batch: too few images per worker")
+            warm = min(max(1, workers), len(arrivals) - 1)  # one batch per worker, then steady
+            epoch_s += arrivals[-1] - start
+            epoch_images += sum(sizes)
+            startup_s.append(arrivals[0] - start)
+            if warm >= 1 and len(arrivals) > warm:
+                steady_s += arrivals[-1] - arrivals[warm - 1]
+                steady_images += sum(sizes[warm:])
+        out["runs"].append({
+            "workers": workers, "epochs": args.loader_epochs,
+            "img_s": epoch_images / epoch_s,
+            "steady_img_s": steady_images / steady_s if steady_s else None,
+            "first_batch_s": statistics.median(startup_s),
+            "images": epoch_images, "steady_images": steady_images})
+    return out
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    grid_hw = (args.label_grid, args.label_grid)
+    gen = torch.Generator().manual_seed(args.seed)
+    pool = [synthetic_batch(args.batch_size, args.input_size, args.topk, args.num_classes,
+                            args.label_grid, gen) for _ in range(args.distinct_batches)]
+    if device.type == "cuda":
+        pool = [{k: v.pin_memory() for k, v in b.items()} for b in pool]
+
+    variants = [
+        Variant("ce (--no-token-label)", False, {}),
+        Variant("token label", True, {}, "ce (--no-token-label)", 1.03),
+        Variant("token label + ANF", True, {"anf": True}, "token label", 1.05),
+        Variant("token label + STA", True, {"sta": True}, "token label", None),
+    ]
+    probe = create_model(args.model, num_classes=args.num_classes, img_size=args.input_size)
+    model_grid = probe.grid
+    del probe
+
+    loader = None
+    base = Path(tempfile.mkdtemp(prefix="bench_train-", dir=args.dir))
+    try:
+        if args.loader_images:
+            print("loader: making and labeling the images ...", file=sys.stderr, flush=True)
+            loader = time_loader(args, base, device, pool[0])
+    finally:
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    print("step timings ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    extra = time_steps(args, variants, pool, args.num_classes, device)
+    steps_s = time.perf_counter() - t0
+    parts = time_parts(args, pool, model_grid, args.num_classes, device)
+
+    by_name = {v.name: v for v in variants}
+    steps = {}
+    for v in variants:
+        ms = statistics.median(v.times) * 1e3
+        q1, _, q3 = (statistics.quantiles(v.times, n=4) if len(v.times) > 1
+                     else (v.times[0],) * 3)
+        row = {"ms": ms, "img_s": args.batch_size / ms * 1e3,
+               "ms_all": [t * 1e3 for t in v.times], "ms_min": min(v.times) * 1e3,
+               "iqr_rel": (q3 - q1) * 1e3 / ms,
+               "model_kwargs": v.model_kwargs, "token_label": v.token_label,
+               "params": extra["params"][v.name], "baseline": v.baseline, "target": v.target}
+        if v.baseline:
+            row["ratio"] = ms / (statistics.median(by_name[v.baseline].times) * 1e3)
+            row["ratio_min"] = min(v.times) / min(by_name[v.baseline].times)
+            # steps are interleaved on the same batches: the median of the per-step ratios
+            row["ratio_paired"] = statistics.median(
+                a / b for a, b in zip(v.times, by_name[v.baseline].times, strict=True))
+            row["pass"] = None if v.target is None else row["ratio"] <= v.target
+        steps[v.name] = row
+    parts_ms = {k: v * 1e3 for k, v in parts.items()}
+    # What the token-label step costs beyond its label and loss extras: mostly the aux head's
+    # backward (only the token loss sends a gradient through the [B, N, C] token logits).
+    parts_ms["rest of the step difference"] = (
+        steps["token label"]["ms"] - steps["ce (--no-token-label)"]["ms"]
+        - parts_ms["targets()"] - (parts_ms["token loss f+b"] - parts_ms["ce loss f+b"]))
+    consumption = steps["token label"]["img_s"]
+    if loader:
+        for r in loader["runs"]:
+            r["vs_model"] = r["img_s"] / consumption
+            r["steady_vs_model"] = (r["steady_img_s"] / consumption
+                                    if r["steady_img_s"] else None)
+            r["pass"] = r["img_s"] >= consumption
+        fmt = loader["format"]
+        loader["format_dtypes_match"] = all(fmt["stream"][k][0] == fmt["synthetic"][k][0]
+                                            for k in fmt["stream"])
+        loader["format_shapes_match"] = fmt["stream"] == fmt["synthetic"]
+    return {
+        "bench": "train",
+        "config": {
+            "model": args.model, "input_size": args.input_size, "token_grid": list(model_grid),
+            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+            "distinct_batches": args.distinct_batches, "mix_token": args.mix_token,
+            "topk": args.topk, "num_classes": args.num_classes,
+            "label_grid": list(grid_hw), "device": args.device,
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else f"cpu x{os.cpu_count()}"),
+            "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "step_phase_s": steps_s, "seed": args.seed,
+        },
+        "steps": steps,
+        "losses": extra["losses"],
+        "token_label_parts_ms": parts_ms,
+        "model_img_s": consumption,
+        "loader": loader,
+    }
+
+
+def print_table(out: dict) -> None:
+    c = out["config"]
+    print(f"{c['model']} @ {c['input_size']} px (tokens {c['token_grid'][0]}x"
+          f"{c['token_grid'][1]}), batch {c['batch_size']}, labels top-{c['topk']} of "
+          f"{c['num_classes']} classes on a {c['label_grid'][0]}x{c['label_grid'][1]} grid, "
+          f"MixToken {'on' if c['mix_token'] else 'off'}, {c['device_name']}, "
+          f"{c['torch_threads']} torch threads, autocast {c['autocast']}, median of "
+          f"{c['steps']} interleaved steps after {c['warmup']} warm-up")
+    header = (f"{'variant':<24} {'ms/step':>9} {'IQR':>6} {'img/s':>7} {'vs':<22} "
+              f"{'ratio':>6} {'paired':>6} {'(min)':>6} {'target':<13}")
+    print(header)
+    print("-" * len(header))
+    for name, r in out["steps"].items():
+        line = f"{name:<24} {r['ms']:>9.0f} {r['iqr_rel']:>6.1%} {r['img_s']:>7.2f}"
+        if r["baseline"]:
+            verdict = ("report only" if r["target"] is None
+                       else f"<= {r['target']:.2f} {'PASS' if r['pass'] else 'FAIL'}")
+            line += (f" {r['baseline']:<22} {r['ratio']:>6.3f} {r['ratio_paired']:>6.3f} "
+                     f"{r['ratio_min']:>6.3f} {verdict:<13}")
+        print(line)
+    parts = out["token_label_parts_ms"]
+    tl, ce = out["steps"]["token label"]["ms"], out["steps"]["ce (--no-token-label)"]["ms"]
+    print(f"token-label extras alone, ms per batch (step difference: {tl - ce:+.0f} ms):")
+    for name in ("densify", "roi_align tokens", "roi_align 1x1", "targets()", "token loss f+b",
+                 "ce loss f+b", "rest of the step difference"):
+        print(f"  {name:<28} {parts[name]:>8.1f}")
+    loader = out["loader"]
+    if not loader:
+        return
+    print(f"loader: {loader['images']} images (~{loader['mean_jpeg_bytes'] / 1e3:.0f} KB JPEGs), "
+          f"labels from test_nfnet @ {loader['label_size']} px (grid {loader['grid'][0]}x"
+          f"{loader['grid'][1]}), shards of {loader['shard_size']}, labeling took "
+          f"{loader['label_s']:.0f} s; model consumes {out['model_img_s']:.2f} img/s")
+    header = (f"{'workers':>7} {'img/s':>8} {'steady':>8} {'1st batch s':>11} "
+              f"{'x model':>8} {'steady x':>8} {'loader >= model':<15}")
+    print(header)
+    print("-" * len(header))
+    for r in loader["runs"]:
+        steady = r["steady_img_s"] or float("nan")
+        steady_x = r["steady_vs_model"] or float("nan")
+        print(f"{r['workers']:>7} {r['img_s']:>8.1f} {steady:>8.1f} {r['first_batch_s']:>11.2f} "
+              f"{r['vs_model']:>8.1f} {steady_x:>8.1f} {'PASS' if r['pass'] else 'FAIL':<15}")
+    print(f"stream batch format vs synthetic: dtypes "
+          f"{'match' if loader['format_dtypes_match'] else 'DIFFER'}, shapes "
+          f"{'match' if loader['format_shapes_match'] else 'differ'}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="lvvit_t", help="a trainer.models name")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch.set_num_threads")
+    p.add_argument("--mix-token", action=argparse.BooleanOptionalAction, default=True,
+                   help="MixToken in forward_train (train's default: on)")
+    p.add_argument("--label-grid", type=int, default=14,
+                   help="side of the synthetic label grid (14: stride 32 at 448 px; 18: 576 px)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--distinct-batches", type=int, default=4,
+                   help="pre-built synthetic batches, used in turn")
+    p.add_argument("--parts-reps", type=int, default=10,
+                   help="repetitions of each token-label extra timed alone")
+    p.add_argument("--loader-images", type=int, default=256, help="0: skip the loader part")
+    p.add_argument("--loader-workers", default=str(os.cpu_count() or 1),
+                   help="DataLoader worker counts, comma-separated (e.g. 0,1,2)")
+    p.add_argument("--loader-epochs", type=int, default=3)
+    p.add_argument("--loader-shard-size", type=int, default=64,
+                   help="label shard size (small, so that every worker gets shards)")
+    p.add_argument("--label-size", type=int, default=448,
+                   help="test_nfnet input px for the loader's labels (448: a 14x14 grid)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir", type=Path, default=None,
+                   help="parent directory for the scratch files (default: the system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    args.loader_workers = [int(w) for w in args.loader_workers.split(",") if w.strip()]
+    if min(args.batch_size, args.steps, args.distinct_batches, args.parts_reps,
+           args.loader_epochs, args.threads) < 1 or args.warmup < 0:
+        p.error("--batch-size, --steps, --distinct-batches, --parts-reps, --loader-epochs and "
+                "--threads must be >= 1, --warmup >= 0")
+    if args.loader_images < 0 or any(w < 0 for w in args.loader_workers):
+        p.error("--loader-images and --loader-workers must be >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    emit(run(args), print_table, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
