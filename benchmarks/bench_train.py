@@ -90,8 +90,15 @@ from trainer.data.stream import StreamConfig, TokenLabelStream
 from trainer.labels import densify, image_box_to_grid, roi_align_labels, sample_crop
 from trainer.loss import ground_truth_loss, token_labeling_loss
 from trainer.models import create_model
-from trainer.models.mixtoken import box_area_fraction
-from trainer.train import IMAGENET_MEAN, IMAGENET_STD, ForwardTrain, TrainConfig, lr_at, targets
+from trainer.train import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ForwardTrain,
+    TrainConfig,
+    batch_loss,
+    lr_at,
+    targets,
+)
 
 DATASET = "bench"
 IMAGENET_TRAIN_IMAGES = 1_281_167  # only for lr_at's schedule position
@@ -183,23 +190,8 @@ class Trainer:
         x = ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if device.type == "cuda"
             else torch.contiguous_format)
-        with self.autocast:
-            cls_logits, token_logits, mix_box = self.net(x)
-        cls_logits, token_logits = cls_logits.float(), token_logits.float()
-        if config.token_label:
-            cls_target, token_target = targets(batch, model.grid, num_classes, device)
-        else:
-            cls_target = F.one_hot(batch["target"].to(device), num_classes).float()
-        if mix_box is not None:
-            area = box_area_fraction(mix_box, model.grid)
-            cls_target = (1 - area) * cls_target + area * cls_target.flip(0)
-        if config.token_label:
-            loss, parts = token_labeling_loss(cls_logits, token_logits, cls_target,
-                                              token_target, beta=config.beta,
-                                              label_smoothing=config.label_smoothing)
-        else:
-            loss, parts = ground_truth_loss(cls_logits, cls_target,
-                                            label_smoothing=config.label_smoothing)
+        loss, parts = batch_loss(self.net, model.grid, batch, x, config, num_classes,
+                                 self.autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)

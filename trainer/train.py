@@ -103,6 +103,27 @@ def targets(batch: dict, grid: tuple[int, int], num_classes: int,
     return cls, tokens.flatten(2).transpose(1, 2)
 
 
+def batch_loss(net: torch.nn.Module, grid: tuple[int, int], batch: dict, x: torch.Tensor,
+               config: TrainConfig, num_classes: int,
+               autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch's loss: the model's class and token outputs against the crops' targets."""
+    with autocast:
+        cls_logits, token_logits, mix_box = net(x)
+    cls_logits, token_logits = cls_logits.float(), token_logits.float()
+    if config.token_label:
+        cls_target, token_target = targets(batch, grid, num_classes, x.device)
+        cls_target = class_target(cls_target, batch["target"], config.gt_weight)
+    else:
+        cls_target = F.one_hot(batch["target"].to(x.device), num_classes).float()
+    if mix_box is not None:  # the class token saw two images: mix its target by area
+        area = box_area_fraction(mix_box, grid)
+        cls_target = (1 - area) * cls_target + area * cls_target.flip(0)
+    if config.token_label:
+        return token_labeling_loss(cls_logits, token_logits, cls_target, token_target,
+                                   beta=config.beta, label_smoothing=config.label_smoothing)
+    return ground_truth_loss(cls_logits, cls_target, label_smoothing=config.label_smoothing)
+
+
 def tensorboard_writer(out: Path):
     """A TensorBoard writer when the tensorboard package is installed, else None."""
     try:
@@ -211,24 +232,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             x = ((x - mean) / std).contiguous(
                 memory_format=torch.channels_last if device.type == "cuda"
                 else torch.contiguous_format)
-            with autocast:
-                cls_logits, token_logits, mix_box = net(x)
-            cls_logits, token_logits = cls_logits.float(), token_logits.float()
-            if config.token_label:
-                cls_target, token_target = targets(batch, model.grid, num_classes, device)
-                cls_target = class_target(cls_target, batch["target"], config.gt_weight)
-            else:
-                cls_target = F.one_hot(batch["target"].to(device), num_classes).float()
-            if mix_box is not None:  # the class token saw two images: mix its target by area
-                area = box_area_fraction(mix_box, model.grid)
-                cls_target = (1 - area) * cls_target + area * cls_target.flip(0)
-            if config.token_label:
-                loss, parts = token_labeling_loss(cls_logits, token_logits, cls_target,
-                                                  token_target, beta=config.beta,
-                                                  label_smoothing=config.label_smoothing)
-            else:
-                loss, parts = ground_truth_loss(cls_logits, cls_target,
-                                                label_smoothing=config.label_smoothing)
+            loss, parts = batch_loss(net, model.grid, batch, x, config, num_classes, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
