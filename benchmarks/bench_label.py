@@ -48,9 +48,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
-from common import emit
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -346,9 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    emit(run(args), print_table, args.json_out)
+def main() -> None:
+    common.main(parse_args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ import threading
 import time
 from pathlib import Path
 
+import common
 import httpx
 import redis
 from bench_label import make_imagenet_like
 from celery import Celery
-from common import emit
 
 from labeler_service.labeling import LabelingOptions, label_dataset
 from labeler_service.sample import make_random_checkpoint
@@ -211,9 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    emit(run(args), print_table, args.json_out)
+def main() -> None:
+    common.main(parse_args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from common import emit
 
 from storage import ImageStatus, LabelSetConfig, Manifest, Store, TeacherSpec
 from storage.labelset import ARRAY_NAMES, DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, LabelSet
@@ -466,9 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    emit(run(args), print_table, args.json_out)
+def main() -> None:
+    common.main(parse_args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -77,10 +77,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 from bench_label import make_imagenet_like
-from common import emit
 from torch.utils.data import DataLoader
 
 from labeler_service.labeling import LabelingOptions, label_dataset
@@ -550,9 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    emit(run(args), print_table, args.json_out)
+def main() -> None:
+    common.main(parse_args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -167,9 +167,13 @@ class JobStore:
             raise
         return job
 
-    def start_from_store(self, job_id: str, labelset: LabelSet) -> None:
-        """Count what the store already holds for this job's label set, and run or finish it."""
-        self.start(job_id, labelset.id, **progress_in_store(labelset))
+    def start_from_store(self, job_id: str, labelset: LabelSet) -> list[int]:
+        """Count what the store already holds for this job's label set, run or finish it, and
+        return the shards still to label."""
+        progress = progress_in_store(labelset)
+        self.start(job_id, labelset.id, **progress)
+        done = set(progress["shards_done"])
+        return [s for s in range(labelset.num_shards) if s not in done]
 
     def get(self, job_id: str) -> Job | None:
         h = self.r.hgetall(self.key(job_id))

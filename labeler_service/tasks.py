@@ -90,6 +90,13 @@ def teacher_for(model: str, checkpoint: str, input_size: int, topk: int):
     return TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision), spec, grid
 
 
+@lru_cache(maxsize=8)
+def dataset_for(name: str):
+    """The dataset, its manifest read once per process and reused by every shard task (a name's
+    contents never change: registering changed contents under it is refused)."""
+    return services()[1].dataset(name)
+
+
 def resolve_checkpoint(relative: str) -> Path:
     """A request's checkpoint path, inside the checkpoint root (re-checked on the worker)."""
     from labeler_service.paths import resolve_inside
@@ -127,14 +134,14 @@ def plan_job(self, job_id: str) -> None:
     from labeler_service.teacher import TeacherError
     from storage import LabelSetConfig, StoreError
 
-    client, store, jobs = services()
+    client, _, jobs = services()
     heartbeat(client, self.request.hostname or "worker")
     job = jobs.get(job_id)
     if job is None or job.finished:
         return
     request = job.request
     try:
-        dataset = store.dataset(job.dataset)
+        dataset = dataset_for(job.dataset)
         _, spec, grid = teacher_for(request["teacher"]["model"],
                                     str(resolve_checkpoint(request["teacher"]["checkpoint"])),
                                     request["teacher"]["input_size"], request["topk"])
@@ -149,8 +156,7 @@ def plan_job(self, job_id: str) -> None:
     checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
     client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
                ex=get_settings().job_ttl_seconds)
-    jobs.start_from_store(job_id, labelset)
-    for shard in labelset.pending_shards():
+    for shard in jobs.start_from_store(job_id, labelset):
         label_shard.apply_async(args=(job_id, shard), task_id=f"{job_id}:shard:{shard}")
 
 
@@ -175,7 +181,7 @@ def label_shard(self, job_id: str, shard: int) -> None:
                                    request["teacher"]["input_size"], request["topk"])
         began = time.perf_counter()
         try:
-            report = label_shards(labelset, store.dataset(job.dataset), runner, [shard],
+            report = label_shards(labelset, dataset_for(job.dataset), runner, [shard],
                                   labeling_options(),
                                   should_stop=lambda: jobs.cancel_requested(job_id),
                                   report=LabelingReport(labelset.id, 1))

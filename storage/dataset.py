@@ -73,6 +73,15 @@ class Dataset:
             self._manifest = Manifest(**values, class_names=self.class_names)
         return self._manifest
 
+    def image_path(self, index: int) -> str:
+        """One image's relative path, read alone (the API's single-image routes): the whole
+        manifest is tens of MB at ImageNet scale."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image {index} outside [0, {self.num_images})")
+        if self._manifest is not None:
+            return str(self._manifest.path[index])
+        return str(self.group["manifest"]["path"][index])
+
     # -- label sets -------------------------------------------------------------------------
 
     def labelset_ids(self) -> list[str]:

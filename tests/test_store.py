@@ -58,6 +58,9 @@ def test_round_trip_every_array_and_attr(tmp_path: Path, images: Path, url: bool
     for column in ("path", "sha256", "width", "height", "label"):
         np.testing.assert_array_equal(getattr(manifest, column), getattr(original, column))
     assert manifest.class_names == ("circles", "squares", "stripes")
+    assert ds.image_path(5) == manifest.path[5] and ds.image_path(17) == manifest.path[17]
+    with pytest.raises(IndexError):
+        ds.image_path(18)
     assert ds.attrs["num_images"] == 18 and ds.attrs["source_root"] == str(images.resolve())
     assert ds.attrs["fingerprint"] == manifest.fingerprint()
     assert {"created_at", "code_version", "class_names", "name"} <= ds.attrs.keys()

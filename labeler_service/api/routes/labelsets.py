@@ -68,7 +68,7 @@ def get_image_labels(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep
         buffer = io.BytesIO()
         np.save(buffer, getattr(block, array)[0], allow_pickle=False)
         return Response(buffer.getvalue(), media_type=NPY)
-    path = store.dataset(labelset.dataset).manifest().path[index]
+    path = store.dataset(labelset.dataset).image_path(index)
     code = int(block.status[0])
     return ImageLabels(
         labelset=labelset.id, index=index, path=str(path), status=code,
@@ -90,6 +90,6 @@ def get_heatmap(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep) -> 
         raise HTTPException(409, f"image {index} is not labeled: "
                                  f"{ImageStatus(int(block.status[0])).description}")
     dataset = store.dataset(labelset.dataset)
-    image_path = f"{dataset.source_root}/{dataset.manifest().path[index]}"
+    image_path = f"{dataset.source_root}/{dataset.image_path(index)}"
     png = render_heatmap(image_path, block, labelset.teacher.class_names)
     return Response(png, media_type="image/png")
