@@ -22,15 +22,16 @@
    ``torch.cuda.synchronize()`` before every clock read.
 
    Variants: ``ce`` (``--no-token-label``), ``token label``, ``token label + ANF``, ``token
-   label + STA``. Each gets ``--warmup`` untimed steps, then ``--steps`` timed steps, the variants
+   label + ANF`` with a rank-D/4 gate (``anf_gate_rank``), ``token label + STA``. Each gets
+   ``--warmup`` untimed steps, then ``--steps`` timed steps, the variants
    interleaved step by step (in a rotating order) so that drift of the machine hits them all
    alike; the global RNG is re-seeded per step so that every variant draws the same MixToken
    boxes. Reported: the median per-step time, its spread (interquartile range / median), img/s
    = batch / median, the ratio of medians to the variant's baseline (the verdict) and, as
    cross-checks, the median of the per-step ratios (``paired``: step s of both variants ran
    back to back on the same batch) and the ratio of the fastest steps (``min``). Targets:
-   token label / ce <= 1.03, ANF / token label <= 1.05; STA / token label is reported without a
-   target.
+   token label / ce <= 1.03, ANF / token label <= 1.05 (both gates); STA / token label is
+   reported without a target.
 
    A breakdown of the token-label extras, each alone on the same batches (median of
    ``--parts-reps``): ``densify``, ``roi_align_labels`` to the token grid and to 1x1,
@@ -55,8 +56,8 @@
 
 Defaults: ``lvvit_t`` at 224 px (5.3 GFLOPs/image forward), batch 32, 20 timed steps after 3
 warm-up steps per variant, 256 loader images labeled at 448 px. On 2 idle CPU cores (Xeon,
-torch 2.14) a batch-32 step takes ~3.1 s, so the step part takes ~5 minutes (4 variants x 23
-steps), the labeling ~15 s and the loader a few seconds: ~5.5 minutes in all. Single steps
+torch 2.14) a batch-32 step takes ~3.1 s, so the step part takes ~6 minutes (5 variants x 23
+steps), the labeling ~15 s and the loader a few seconds: ~6.5 minutes in all. Single steps
 vary by ~5 % there (outliers of 2-3x when anything else runs): keep the machine otherwise idle.
 ``--steps 3 --warmup 1 --batch-size 8 --loader-images 64 --loader-shard-size 16`` checks the
 script in about a minute.
@@ -370,15 +371,17 @@ def run(args) -> dict:
     if device.type == "cuda":
         pool = [{k: v.pin_memory() for k, v in b.items()} for b in pool]
 
+    probe = create_model(args.model, num_classes=args.num_classes, img_size=args.input_size)
+    model_grid, rank = probe.grid, probe.embed_dim // 4
+    del probe
     variants = [
         Variant("ce (--no-token-label)", False, {}),
         Variant("token label", True, {}, "ce (--no-token-label)", 1.03),
         Variant("token label + ANF", True, {"anf": True}, "token label", 1.05),
+        Variant("token label + ANF rank D/4", True, {"anf": True, "anf_gate_rank": rank},
+                "token label", 1.05),
         Variant("token label + STA", True, {"sta": True}, "token label", None),
     ]
-    probe = create_model(args.model, num_classes=args.num_classes, img_size=args.input_size)
-    model_grid = probe.grid
-    del probe
 
     loader = None
     base = Path(tempfile.mkdtemp(prefix="bench_train-", dir=args.dir))
@@ -464,12 +467,12 @@ def print_table(out: dict) -> None:
           f"MixToken {'on' if c['mix_token'] else 'off'}, {c['device_name']}, "
           f"{c['torch_threads']} torch threads, autocast {c['autocast']}, median of "
           f"{c['steps']} interleaved steps after {c['warmup']} warm-up")
-    header = (f"{'variant':<24} {'ms/step':>9} {'IQR':>6} {'img/s':>7} {'vs':<22} "
+    header = (f"{'variant':<26} {'ms/step':>9} {'IQR':>6} {'img/s':>7} {'vs':<22} "
               f"{'ratio':>6} {'paired':>6} {'(min)':>6} {'target':<13}")
     print(header)
     print("-" * len(header))
     for name, r in out["steps"].items():
-        line = f"{name:<24} {r['ms']:>9.0f} {r['iqr_rel']:>6.1%} {r['img_s']:>7.2f}"
+        line = f"{name:<26} {r['ms']:>9.0f} {r['iqr_rel']:>6.1%} {r['img_s']:>7.2f}"
         if r["baseline"]:
             verdict = ("report only" if r["target"] is None
                        else f"<= {r['target']:.2f} {'PASS' if r['pass'] else 'FAIL'}")

@@ -208,6 +208,9 @@ def test_anf_starts_near_identity_without_norm_and_near_layernorm_with_it() -> N
         out_n = AdaptiveNoiseFilter(32, norm=True)(x, (4, 4), num_prefix=3)
         assert rel_err(out_n[:, 3:], F.layer_norm(patches, (32,), eps=1e-6)) < 3e-3
         assert rel_err(out_n[:, 3:], patches) > 0.5
+        # A low-rank gate starts near the identity as well.
+        low = AdaptiveNoiseFilter(32, norm=False, gate_rank=4)(x, (4, 4), num_prefix=3)
+        assert 0 < rel_err(low[:, 3:], patches) < 3e-3
     # Class and register tokens bypass the filter.
     assert torch.equal(out[:, :3], x[:, :3]) and torch.equal(out_n[:, :3], x[:, :3])
 
@@ -215,7 +218,7 @@ def test_anf_starts_near_identity_without_norm_and_near_layernorm_with_it() -> N
 def test_anf_placement_and_init_in_the_model() -> None:
     model = create_model("lvvit_t", **TINY, anf=True, registers=1)
     assert sorted(int(k) for k in model.anf) == list(range(11))  # every block but the last
-    gate_bias = model.anf["0"].gate.bias
+    gate_bias = model.anf["0"].gate_out.bias
     assert torch.equal(gate_bias, torch.full_like(gate_bias, -4.0))  # not reset by model init
     assert isinstance(model.anf["0"].norm, torch.nn.LayerNorm)
     x = torch.randn(2, 3, 32, 32)
@@ -226,6 +229,22 @@ def test_anf_placement_and_init_in_the_model() -> None:
     assert len(create_model("lvvit_t", **TINY).anf) == 0
     with pytest.raises(ValueError, match="anf_layers"):
         LVViTConfig(depth=4, anf=True, anf_layers=(4,))
+
+
+def test_anf_low_rank_gate() -> None:
+    d = 240
+    full = create_model("lvvit_t", anf=True, anf_layers=[0])
+    low = create_model("lvvit_t", anf=True, anf_layers=[0], anf_gate_rank=d // 4)
+    count = lambda m: sum(p.numel() for p in m.anf.parameters())  # noqa: E731
+    # conv (9 d + d) + LN (2 d) + gate: d x d + d, against d x r + r x d + d.
+    assert count(full) == 12 * d + d * d + d
+    assert count(low) == 12 * d + 2 * d * (d // 4) + d
+    gate = low.anf["0"].gate_out
+    assert torch.equal(gate.bias, torch.full_like(gate.bias, -4.0))
+    small = create_model("lvvit_t", **TINY, anf=True, anf_gate_rank=2)
+    assert small.train().forward_train(torch.randn(2, 3, 32, 32))[1].shape == (2, 4, 10)
+    with pytest.raises(ValueError, match="gate_rank"):
+        create_model("lvvit_t", **TINY, anf=True, anf_gate_rank=0)
 
 
 # --------------------------------------------------------------------------------- MixToken

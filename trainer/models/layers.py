@@ -182,26 +182,39 @@ class AdaptiveNoiseFilter(nn.Module):
 
     ``DWConv`` is a depthwise conv2d over the ``(h, w)`` patch-token grid (``padding="same"``);
     the ``num_prefix`` leading tokens (class, registers) pass through unchanged. ``norm=False``
-    drops the LayerNorm. The gate bias starts at ``gate_bias`` (negative) and ``W`` and the conv
-    weights are small, so at init the filter is close to the identity (``norm=False``) or to
-    ``LN(T)`` (``norm=True``).
+    drops the LayerNorm. ``W`` is a full ``dim x dim`` matrix, or with ``gate_rank=r`` a product
+    of ``dim -> r -> dim`` projections (``2 r dim`` multiply-adds per token instead of
+    ``dim**2``: the full gate is most of ANF's cost). The gate bias starts at ``gate_bias``
+    (negative) and ``W`` and the conv weights are small, so at init the filter is close to the
+    identity (``norm=False``) or to ``LN(T)`` (``norm=True``).
     """
 
     def __init__(
-        self, dim: int, kernel_size: int = 3, norm: bool = True, gate_bias: float = -4.0
+        self, dim: int, kernel_size: int = 3, norm: bool = True, gate_bias: float = -4.0,
+        gate_rank: int | None = None,
     ) -> None:
         super().__init__()
+        if gate_rank is not None and not 0 < gate_rank <= dim:
+            raise ValueError(f"gate_rank must be in 1..{dim}, got {gate_rank}")
         self.gate_bias = gate_bias
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding="same", groups=dim)
-        self.gate = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, dim) if gate_rank is None else nn.Sequential(
+            nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, dim))
         self.norm = nn.LayerNorm(dim, eps=LN_EPS) if norm else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:
         trunc_normal_(self.conv.weight, std=0.02)
         nn.init.zeros_(self.conv.bias)
-        trunc_normal_(self.gate.weight, std=0.02)
-        nn.init.constant_(self.gate.bias, self.gate_bias)
+        for layer in self.gate.modules():
+            if isinstance(layer, nn.Linear):
+                trunc_normal_(layer.weight, std=0.02)
+        nn.init.constant_(self.gate_out.bias, self.gate_bias)
+
+    @property
+    def gate_out(self) -> nn.Linear:
+        """The gate's last projection, which holds ``b``."""
+        return self.gate[-1] if isinstance(self.gate, nn.Sequential) else self.gate
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
         prefix, t = x[:, :num_prefix], x[:, num_prefix:]

@@ -48,6 +48,9 @@ Options (config fields, also ``create_model(name, **overrides)`` keywords):
     two effects apart.
   - *init*: gate bias ``anf_gate_bias`` (-4.0, sigmoid ~ 0.018), gate weight and conv weights
     trunc-normal std 0.02, so ANF starts near the identity (near ``LN(T)`` with the norm).
+  - *the gate's W*: a full ``D x D`` matrix by default, as the formula reads; it alone is ~4.9 %
+    of LV-ViT-T's FLOPs with ANF after 11 blocks. ``anf_gate_rank=r`` factors it as ``D -> r ->
+    D`` (``D/4`` halves the gate's cost), for studies where ANF's cost matters.
   - *train-only or not*: ANF is part of the architecture and runs in training and inference.
 
 * Artifact metric: read the residual stream before the final LayerNorm with
@@ -111,6 +114,7 @@ class LVViTConfig:
     anf_kernel: int = 3
     anf_norm: bool = True
     anf_gate_bias: float = -4.0
+    anf_gate_rank: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, list):
@@ -179,7 +183,8 @@ class LVViT(nn.Module):
             for rate in rates
         )
         self.anf = nn.ModuleDict({
-            str(i): AdaptiveNoiseFilter(d, cfg.anf_kernel, cfg.anf_norm, cfg.anf_gate_bias)
+            str(i): AdaptiveNoiseFilter(d, cfg.anf_kernel, cfg.anf_norm, cfg.anf_gate_bias,
+                                cfg.anf_gate_rank)
             for i in cfg.anf_after
         })
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
