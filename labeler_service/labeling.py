@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from labeler_service.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, read_image_bytes
@@ -166,27 +166,79 @@ class TeacherRunner:
                 out.global_classes.to(cdt).cpu().numpy())
 
 
-def iterate_batches(dataset: ImageFileDataset, batches: list[list[int]], num_workers: int,
-                    pin_memory: bool) -> Iterator[DecodedBatch]:
-    if not batches:
-        return iter(())
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=collate, pin_memory=pin_memory,
-                        prefetch_factor=2 if num_workers else None)
-    return iter(loader)
+def decoded_source(dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions) -> tuple:
+    """What a decoder for this label set must decode: which images, to which input."""
+    return (str(dataset.source_root), dataset.fingerprint, labelset.teacher.input_size,
+            labelset.teacher.interpolation, options.max_pixels)
+
+
+class BatchList(Sampler[list[int]]):
+    """A batch sampler whose batches are replaced before each pass over a DataLoader."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ImageDecoder:
+    """Decodes index batches of one dataset in ``num_workers`` processes that outlive a pass.
+
+    A service worker labels shard after shard of a dataset, one task each: starting the decoding
+    processes per task would cost a fork each, plus their imports, every shard. It keeps one
+    decoder per dataset instead (``tasks.decoder_for``); ``labeler label`` makes one per run. The
+    processes end when the decoder is garbage-collected, or with this process.
+    """
+
+    def __init__(self, images: ImageFileDataset, num_workers: int, pin_memory: bool,
+                 source: tuple = ()) -> None:
+        self.images, self.num_workers = images, num_workers
+        self.source = source  # what it decodes: see ``decoded_source``
+        self._batches = BatchList()
+        self._loader = DataLoader(images, batch_sampler=self._batches, num_workers=num_workers,
+                                  collate_fn=collate, pin_memory=pin_memory,
+                                  prefetch_factor=2 if num_workers else None,
+                                  persistent_workers=num_workers > 0)
+
+    @classmethod
+    def for_labelset(cls, dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions,
+                     device: torch.device) -> ImageDecoder:
+        manifest = dataset.manifest()
+        images = ImageFileDataset(Path(dataset.source_root), manifest.path, manifest.sha256,
+                                  labelset.teacher.input_size, labelset.teacher.interpolation,
+                                  options.max_pixels)
+        workers = (default_workers(device) if options.num_workers is None
+                   else options.num_workers)
+        return cls(images, workers, pin_memory=device.type == "cuda",
+                   source=decoded_source(dataset, labelset, options))
+
+    def __call__(self, batches: list[list[int]]) -> Iterator[DecodedBatch]:
+        """The decoded batches, in order. A pass left unfinished is dropped by the next one."""
+        self._batches.batches = batches
+        return iter(self._loader) if batches else iter(())
 
 
 def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunner,
                  shards: Sequence[int], options: LabelingOptions,
                  should_stop: Callable[[], bool] | None = None,
                  on_shard_done: Callable[[int, LabelBlock], None] | None = None,
-                 report: LabelingReport | None = None) -> LabelingReport:
-    """Label the given shards of ``labelset`` and write each one whole."""
+                 report: LabelingReport | None = None,
+                 decoder: ImageDecoder | None = None) -> LabelingReport:
+    """Label the given shards of ``labelset`` and write each one whole.
+
+    ``decoder`` (made for this dataset and the label set's teacher input) keeps its decoding
+    processes between calls; without one, this call starts and ends its own.
+    """
     report = report or LabelingReport(labelset.id, labelset.num_shards)
-    manifest = dataset.manifest()
-    images = ImageFileDataset(Path(dataset.source_root), manifest.path, manifest.sha256,
-                              labelset.teacher.input_size, labelset.teacher.interpolation,
-                              options.max_pixels)
+    if decoder is None:
+        decoder = ImageDecoder.for_labelset(dataset, labelset, options, runner.device)
+    elif decoder.source != decoded_source(dataset, labelset, options):
+        raise ValueError(f"decoder was made for other images than {labelset.id}'s")
+    paths = decoder.images.paths
     batches = shard_batches(labelset, shards, options.batch_size)
     total = sum(stop - start for start, stop in map(labelset.shard_range, shards))
     started = time.perf_counter()
@@ -204,9 +256,7 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
     bar = tqdm(total=total, unit="img", disable=not options.progress, dynamic_ncols=True,
                desc=labelset.id)
     try:
-        workers = (default_workers(runner.device) if options.num_workers is None
-                   else options.num_workers)
-        for batch in iterate_batches(images, batches, workers, runner.cuda):
+        for batch in decoder(batches):
             shard = int(batch.indices[0]) // labelset.shard_size
             if block is None or block.start != labelset.shard_range(shard)[0]:
                 block, filled = labelset.empty_block(shard), 0
@@ -219,7 +269,7 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
             block.status[rows] = batch.status
             filled += len(rows)
             for i in np.flatnonzero(~ok)[:max(0, 100 - len(report.failures))]:
-                report.failures.append((str(manifest.path[batch.indices[i]]), batch.reasons[i]))
+                report.failures.append((str(paths[batch.indices[i]]), batch.reasons[i]))
             bar.update(len(rows))
 
             if filled == len(block):

@@ -175,3 +175,53 @@ def test_should_stop_ends_between_shards(store: Store, images: Path, checkpoint:
     stopped = label_shards(labelset, dataset, runner, [2, 3, 4], halves, should_stop=lambda: True)
     assert stopped.stopped and (stopped.shards_written, stopped.images_done) == (0, 0)
     assert labelset.pending_shards() == [2, 3, 4]
+
+
+def test_one_decoder_serves_many_calls_with_the_same_processes(
+        store: Store, images: Path, checkpoint: Path, tmp_path: Path):
+    """A worker keeps one decoder across its shard tasks: its processes outlive each call,
+    a call stopped mid-pass leaves nothing behind for the next, and the labels equal a run's
+    that started its own decoding processes."""
+    import multiprocessing
+
+    from labeler_service.labeling import ImageDecoder, TeacherRunner, label_shards
+
+    options = dataclasses.replace(OPTIONS, num_workers=2, batch_size=2)
+    dataset, _ = store.add_dataset("toy", images)
+    clean = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2, options)
+
+    other = Store.open(tmp_path / "other")
+    dataset, _ = other.add_dataset("toy", images)
+    report = label_dataset(other, "toy", "test_nfnet", checkpoint, 64, 2, options, part=(0, 5))
+    labelset = dataset.labelset(report.labelset_id)
+    teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "fp32")
+    before = {p.pid for p in multiprocessing.active_children()}
+    decoder = ImageDecoder.for_labelset(dataset, labelset, options, runner.device)
+
+    def decoding_pids() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children()} - before
+
+    # Stopped after its first batch, with later batches already queued to the processes.
+    stopped = label_shards(labelset, dataset, runner, [1, 2], options, should_stop=lambda: True,
+                           decoder=decoder)
+    assert stopped.stopped and stopped.images_done == 0
+    pids = decoding_pids()
+    assert len(pids) == 2
+    for shard in labelset.pending_shards():  # one call per shard, as the worker's tasks do
+        label_shards(labelset, dataset, runner, [shard], options, decoder=decoder)
+        assert decoding_pids() == pids
+    assert labelset.pending_shards() == []
+    assert_same_labels(labels_of(other, report.labelset_id), labels_of(store, clean.labelset_id))
+
+    del decoder
+    deadline = time.monotonic() + 10
+    while decoding_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not decoding_pids()
+
+    # A decoder made for other images is refused.
+    wrong = dataclasses.replace(options, max_pixels=options.max_pixels // 2)
+    decoder = ImageDecoder.for_labelset(dataset, labelset, wrong, runner.device)
+    with pytest.raises(ValueError, match="other images"):
+        label_shards(labelset, dataset, runner, [0], options, decoder=decoder)
