@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ IMAGE_SUFFIXES = frozenset(
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _TIFF_WIDTH, _TIFF_HEIGHT = 256, 257  # ImageWidth, ImageLength tags
+# progress(files_scanned, files_total): total None while the tree is still being listed.
+Progress = Callable[[int, int | None], None]
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,25 @@ class FileOutsideRoot(ValueError):
     """A file in the folder is a symlink to somewhere outside the permitted root."""
 
 
-def list_image_files(root: Path, confine_to: Path | None = None) -> list[str]:
+def list_image_files(root: Path, confine_to: Path | None = None,
+                     progress: Progress | None = None) -> list[str]:
     """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths.
 
     Dangling symlinks are not files and are skipped. With ``confine_to``, a file that resolves
     (through a symlink) outside that directory is refused: the service reads only its data root.
+    A directory that cannot be listed (permissions, I/O error) raises its ``OSError``: skipping
+    it would register a dataset silently missing its images. ``progress(0, None)`` is called
+    once per directory listed.
     """
     found = []
     limit = Path(confine_to).resolve() if confine_to is not None else None
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
+        if progress is not None:
+            progress(0, None)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
@@ -87,10 +100,10 @@ def list_image_files(root: Path, confine_to: Path | None = None) -> list[str]:
             full = os.path.join(dirpath, name)
             if not os.path.isfile(full):  # a dangling symlink, a socket, ...
                 continue
+            rel = (name if rel_dir == "." else f"{rel_dir}/{name}").replace(os.sep, "/")
             if limit is not None and not Path(os.path.realpath(full)).is_relative_to(limit):
-                raise FileOutsideRoot(f"{name}: a symlink to a file outside the data root")
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            found.append(rel.replace(os.sep, "/"))
+                raise FileOutsideRoot(f"{rel}: a symlink to a file outside the data root")
+            found.append(rel)
     return sorted(found)
 
 
@@ -121,25 +134,40 @@ def probe_image(path: Path) -> tuple[str, int, int]:
     return digest, width, height
 
 
-def scan_image_folder(root: Path, max_workers: int = 8,
-                      confine_to: Path | None = None) -> Manifest:
+def scan_image_folder(root: Path, max_workers: int = 8, confine_to: Path | None = None,
+                      progress: Progress | None = None) -> Manifest:
     """Build the manifest of every image under ``root``.
 
     When every image sits below a first-level directory (the torchvision ImageFolder layout), the
     sorted first-level directory names are the class names and give each image its class.
+
+    ``progress(files_scanned, files_total)``, if given, is called from this thread: with a total
+    of None while the tree is being listed (once per directory), then once per file hashed. It
+    may raise to abandon the scan (files being read finish, the rest are not started).
     """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
-    paths = list_image_files(root, confine_to)
+    paths = list_image_files(root, confine_to, progress)
+    if progress is not None:
+        progress(0, len(paths))
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
     # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
     # filter list, so entering it in each pool thread interleaves and can leave "ignore all
     # warnings" installed for the rest of the process.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bomb and EXIF warnings: sizes come from the header
-        with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            probes = list(pool.map(lambda p: probe_image(root / p), paths, chunksize=64))
+        pool = ThreadPoolExecutor(max_workers=max_workers)
+        probes = []
+        try:
+            for probe in pool.map(lambda p: probe_image(root / p), paths):
+                probes.append(probe)
+                if progress is not None:
+                    progress(len(probes), len(paths))
+        finally:
+            # On an error (an unreadable file, progress raising) drop the files not started yet
+            # rather than hashing the rest of the tree before the error surfaces.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     top_dirs = [p.split("/", 1)[0] if "/" in p else None for p in paths]
     if paths and all(top_dirs):

@@ -11,7 +11,7 @@ import zarr
 from storage.dataset import Dataset
 from storage.errors import DatasetChangedError, StoreError
 from storage.labelset import LabelSet
-from storage.manifest import Manifest, scan_image_folder
+from storage.manifest import Manifest, Progress, scan_image_folder
 
 FORMAT = "tokenlabel-store"
 FORMAT_VERSION = 1
@@ -78,16 +78,24 @@ class Store:
             raise KeyError(f"no dataset {name!r} in store {self.location}")
         return Dataset(datasets[name], self.code_version)
 
-    def add_dataset(self, name: str, directory: str | Path,
-                    manifest: Manifest | None = None) -> tuple[Dataset, bool]:
-        """Register the images under ``directory`` as dataset ``name``.
+    def add_dataset(self, name: str, directory: str | Path, manifest: Manifest | None = None,
+                    confine_to: str | Path | None = None,
+                    progress: Progress | None = None) -> tuple[Dataset, bool]:
+        """Register the images under ``directory`` as dataset ``name``: scan, then write.
+
+        The one registration path: ``labeler datasets add`` calls it in-process, the service's
+        ``labeler.register_dataset`` task on a worker (with ``confine_to`` its data root and a
+        ``progress`` callback, both passed to ``scan_image_folder``).
 
         Returns (dataset, created). Registering an unchanged directory again is a no-op; a
         directory whose contents changed is refused, so labels never mix two sets of images.
+        Running it again after it was interrupted (a worker killed mid-write) rewrites the
+        unfinished dataset: the attrs are written last and mark it complete.
         """
         check_name(name)
         directory = Path(directory).resolve()
-        manifest = scan_image_folder(directory) if manifest is None else manifest
+        if manifest is None:
+            manifest = scan_image_folder(directory, confine_to=confine_to, progress=progress)
         datasets = self.root["datasets"]
         if name in datasets.group_keys():
             group = datasets[name]
@@ -108,7 +116,10 @@ class Store:
     def labelset(self, labelset_id: str) -> LabelSet:
         """Find a label set by id (ids are unique in a store)."""
         for name in self.dataset_names():
-            labels = self.root["datasets"][name]["labels"]
+            group = self.root["datasets"][name]
+            if "labels" not in group.group_keys():  # a dataset still being written
+                continue
+            labels = group["labels"]
             if labelset_id in labels.group_keys():
                 return LabelSet(labels[labelset_id])
         raise KeyError(f"no label set {labelset_id!r} in store {self.location}")

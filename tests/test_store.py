@@ -164,6 +164,53 @@ def test_interrupted_registration_can_be_redone(store: Store, images: Path):
     assert created and dataset.num_images == 18
 
 
+def test_a_labelset_is_found_while_another_dataset_is_being_written(store: Store,
+                                                                      images: Path):
+    dataset, _ = store.add_dataset("toy", images)
+    labelset = dataset.create_labelset(LabelSetConfig(
+        teacher=TEACHER, topk=2, grid=(3, 3), dataset_fingerprint=dataset.fingerprint))
+    store.root["datasets"].require_group("aaa")  # a registration writing its manifest columns
+    assert store.labelset(labelset.id).id == labelset.id
+    with pytest.raises(KeyError):
+        store.labelset("missing")
+
+
+def test_registration_reports_progress_and_can_be_abandoned(store: Store, images: Path):
+    seen: list[tuple[int, int | None]] = []
+    store.add_dataset("toy", images, progress=lambda done, total: seen.append((done, total)))
+    listing = [done for done, total in seen if total is None]
+    assert listing == [0] * 4  # once per directory: the root and 3 classes
+    assert seen[len(listing):] == [(done, 18) for done in range(19)]  # then once per file
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(done: int, total: int | None) -> None:
+        if done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        store.add_dataset("toy2", images, progress=stop_at_5)
+    assert store.dataset_names() == ["toy"]  # nothing written
+
+
+def test_an_unlistable_directory_is_an_error_not_a_smaller_dataset(store: Store, images: Path,
+                                                                  monkeypatch):
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("squares"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match="squares"):
+        store.add_dataset("toy", images)
+    assert store.dataset_names() == []
+
+
 def test_refuses_foreign_and_newer_stores(tmp_path: Path):
     import zarr
 
