@@ -30,7 +30,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (StoreError, TeacherError, ClassCountMismatch, ValueError, FileNotFoundError,
-                NotADirectoryError) as e:
+                NotADirectoryError, PermissionError) as e:
             raise click.ClickException(str(e)) from None
         except KeyError as e:
             raise click.ClickException(e.args[0] if e.args else str(e)) from None
@@ -235,17 +235,19 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option("--name", default=None, help="Worker name (default: gpuN@host or cpu@host).")
 @click.option("--loglevel", default=None, help="Default: LABELER_LOG_LEVEL.")
 def worker(gpu: int | None, concurrency: int, name: str | None, loglevel: str | None) -> None:
-    """Run a Celery worker on the labeling queue (settings from LABELER_* variables)."""
+    """Run a Celery worker on the labeling and registration queues (settings from LABELER_*
+    variables)."""
     if gpu is not None:
         # Before anything can initialise CUDA: the pool's children load the teacher lazily.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     from labeler_service.settings import get_settings
-    from labeler_service.tasks import QUEUE, app
+    from labeler_service.tasks import QUEUES, app
 
     settings = get_settings()
     hostname = name or (f"gpu{gpu}@%h" if gpu is not None else "cpu@%h")
-    app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}", "-Q", QUEUE,
-                     f"--hostname={hostname}", f"--loglevel={loglevel or settings.log_level}",
+    app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}",
+                     "-Q", ",".join(QUEUES), f"--hostname={hostname}",
+                     f"--loglevel={loglevel or settings.log_level}",
                      "--without-gossip", "--without-mingle"])
 
 

@@ -7,12 +7,18 @@ same. Tasks are acknowledged late and rejected when their worker dies, and a sha
 with its status last, so a task delivered twice, or after its worker was killed, redoes at most
 one shard and never counts it twice.
 
+``register_dataset`` scans an image folder and writes the dataset (``Store.add_dataset``, as
+``labeler datasets add`` does in-process) for ``POST /v1/datasets``. It runs on its own queue,
+``registration``, so a scan of minutes never waits in line in front of shard tasks, nor shards
+in front of it; every ``labeler worker`` consumes both queues.
+
 The prefork parent never touches CUDA: the teacher is loaded lazily in the child, once, and
 reused across tasks and jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -26,6 +32,8 @@ from labeler_service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 QUEUE = "labeling"
+REGISTRATION_QUEUE = "registration"
+QUEUES = (QUEUE, REGISTRATION_QUEUE)  # what `labeler worker` consumes
 STATS = "labeler:stats"  # counters across workers, exported by the API's /metrics
 # Errors worth retrying: the store or Redis briefly unreachable.
 TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError)
@@ -50,6 +58,7 @@ def configure(celery: Celery, settings: Settings) -> None:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit,
         task_default_queue=QUEUE,
+        task_routes={"labeler.register_dataset": {"queue": REGISTRATION_QUEUE}},
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
@@ -73,6 +82,14 @@ def services():
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = Store.open(settings.store)
     return client, store, JobStore(client, store, settings.job_ttl_seconds)
+
+
+@lru_cache(maxsize=1)
+def registration_store():
+    from labeler_service.registrations import RegistrationStore
+
+    settings = get_settings()
+    return RegistrationStore(services()[0], settings.job_ttl_seconds, settings.visibility_timeout)
 
 
 @lru_cache(maxsize=1)  # one teacher in GPU memory per process: the latest one asked for
@@ -202,6 +219,35 @@ def label_shard(self, job_id: str, shard: int) -> None:
                     int((status > 0).sum()))
 
 
+def enqueue_registration(name: str, attempt: str) -> None:
+    register_dataset.apply_async(args=(name, attempt), task_id=f"register:{name}:{attempt}")
+
+
+@app.task(bind=True, name="labeler.register_dataset", autoretry_for=TRANSIENT,
+          retry_backoff=True, retry_backoff_max=60, max_retries=5)
+def register_dataset(self, name: str, attempt: str) -> str | None:
+    """Scan the folder of registration ``name`` (this ``attempt`` of it) and write the dataset.
+
+    Delivered again after a crash, it is harmless: ``add_dataset`` finds the dataset it wrote
+    (same contents: nothing to do) or rewrites one left half-written.
+    """
+    from labeler_service.registrations import run_registration
+
+    client, store, _ = services()
+    heartbeat(client, self.request.hostname or "worker")
+    registrations = registration_store()
+    settings = get_settings()
+    try:
+        return run_registration(registrations, store, settings.data_root, name, attempt,
+                                time_limit=settings.task_time_limit)
+    except Exception as e:
+        if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
+            raise
+        with contextlib.suppress(redis.RedisError):
+            registrations.finish(name, attempt, "failed", f"{type(e).__name__}: {e}")
+        raise
+
+
 @signals.worker_process_init.connect
 def _allow_decoding_processes(**_) -> None:
     """Prefork children are daemonic, and daemonic processes may not start children; but the
@@ -212,4 +258,5 @@ def _allow_decoding_processes(**_) -> None:
 
 @signals.worker_ready.connect
 def _announce(sender=None, **_) -> None:
-    log.info("labeler worker ready: queue %s, store %s", QUEUE, get_settings().store)
+    log.info("labeler worker ready: queues %s, store %s", ",".join(QUEUES),
+             get_settings().store)

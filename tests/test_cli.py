@@ -166,3 +166,15 @@ def test_retry_failed_relabels_fixed_images(run, images: Path, checkpoint: Path,
     status = Store.open("store").labelset(
         Store.open("store").dataset("toy").labelset_ids()[0]).status()
     assert (status == 0).all()
+
+
+def test_worker_consumes_the_labeling_and_registration_queues(run, monkeypatch):
+    """`labeler worker`, as docker-compose.yml, deploy/k8s and the service tests start it, takes
+    shard tasks and dataset scans (POST /v1/datasets) alike."""
+    from labeler_service.tasks import app
+
+    argv: list[str] = []
+    monkeypatch.setattr(app, "worker_main", argv.extend)
+    run("worker", "--name", "w@test")
+    queues = argv[argv.index("-Q") + 1].split(",")
+    assert sorted(queues) == ["labeling", "registration"]

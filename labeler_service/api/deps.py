@@ -1,4 +1,5 @@
-"""Dependencies: the API key check and the per-app services (settings, Redis, store, jobs)."""
+"""Dependencies: the API key check and the per-app services (settings, Redis, store, jobs,
+dataset registrations)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from labeler_service.jobs import JobStore
+from labeler_service.registrations import RegistrationStore
 from labeler_service.settings import Settings
 from storage import Store
 
@@ -32,6 +34,10 @@ def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
+def get_registrations(request: Request) -> RegistrationStore:
+    return request.app.state.registrations
+
+
 def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -51,3 +57,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
+RegistrationsDep = Annotated[RegistrationStore, Depends(get_registrations)]

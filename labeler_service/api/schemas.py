@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,12 +32,23 @@ class DatasetCreate(Request):
 
 
 class DatasetOut(BaseModel):
+    """A dataset, or its registration while the folder is being scanned (or after it failed).
+    The fields the scan gives (``num_images``, ``class_names``, ``fingerprint``, ``created_at``)
+    are null until the dataset is ready."""
+
     name: str
-    num_images: int
-    class_names: list[str]
-    fingerprint: str
-    created_at: str
+    state: Literal["registering", "ready", "failed"] = Field(
+        description="registering (the folder is being scanned; poll with the Retry-After "
+                    "interval), ready, or failed (see error; POST again to retry)")
+    num_images: int | None
+    class_names: list[str] | None
+    fingerprint: str | None
+    created_at: str | None = Field(description="When the dataset was written to the store.")
     labelsets: list[str]
+    files_scanned: int = Field(description="Image files hashed so far.")
+    files_total: int | None = Field(
+        description="Image files in the folder; null while the folder is still being listed.")
+    error: str | None = Field(description="Why the registration failed.")
 
 
 class DatasetList(BaseModel):

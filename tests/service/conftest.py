@@ -94,6 +94,7 @@ class Cluster:
         self.api = None
 
     def start_worker(self, name: str = "w0") -> subprocess.Popen:
+        """``labeler worker``, as deployed: it consumes the labeling and registration queues."""
         proc = self._spawn("worker", "--name", f"{name}@test", log=f"{name}.log")
         self.workers.append(proc)
         return proc
@@ -101,6 +102,30 @@ class Cluster:
     def log(self, name: str) -> str:
         path = self.root / name
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_dataset(self, name: str, states=("ready", "failed"), timeout: float = 60) -> dict:
+        """Poll GET /v1/datasets/{name} until its registration reaches one of ``states``."""
+        with self.client() as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                dataset = client.get(f"/v1/datasets/{name}").json()
+                if dataset.get("state") in states:
+                    return dataset
+                time.sleep(0.1)
+        raise TimeoutError(f"dataset {name} still {dataset}\n{self.logs()}")
+
+    def register(self, name: str = "toy", path: str = "toy") -> dict:
+        """POST /v1/datasets, then wait until a worker has scanned the folder: the dataset."""
+        with self.client() as client:
+            r = client.post("/v1/datasets", json={"name": name, "path": path})
+            assert r.status_code in (200, 202), r.text
+        dataset = self.wait_dataset(name)
+        assert dataset["state"] == "ready", dataset
+        return dataset
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in self.root.glob("*.log"))
 
     def wait_job(self, job_id: str, states=("succeeded", "failed", "cancelled"),
                  timeout: float = 120) -> dict:
@@ -111,9 +136,7 @@ class Cluster:
                 if job["state"] in states:
                     return job
                 time.sleep(0.2)
-        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in self.root.glob("*.log"))
-        raise TimeoutError(f"job {job_id} still {job['state']}: {job}\n{logs}")
+        raise TimeoutError(f"job {job_id} still {job['state']}: {job}\n{self.logs()}")
 
 
 def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:

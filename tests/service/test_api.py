@@ -1,5 +1,6 @@
 """The REST API in-process: FastAPI's TestClient over ``create_app``, the real Redis (db 11, or
-LABELER_TEST_API_REDIS_URL), no workers (submitted jobs stay queued). Status codes, headers and
+LABELER_TEST_API_REDIS_URL), no workers (submitted jobs stay queued; dataset registrations are
+run here, with the task's own function, where a test needs them done). Status codes, headers and
 RFC 9457 problem bodies."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,11 @@ from fastapi.testclient import TestClient
 
 from labeler_service.api.main import create_app
 from labeler_service.api.schemas import JobCreate
+from labeler_service.registrations import run_registration
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
+from labeler_service.tasks import REGISTRATION_QUEUE
+from storage import Store
 from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
 
 # db 11 like the other service tests; another db when sessions share one Redis at the same time.
@@ -114,10 +120,29 @@ def client(start) -> Iterator[TestClient]:
         yield client
 
 
+def run_registration_here(client: TestClient, name: str) -> str | None:
+    """What a worker's ``labeler.register_dataset`` task does, in this process: scan and write
+    the registration ``name`` in progress. Returns the state it ended in."""
+    state = client.app.state
+    registration = state.registrations.get(name)
+    assert registration is not None, name
+    return run_registration(state.registrations, state.store, state.settings.data_root, name,
+                            registration.attempt, time_limit=state.settings.task_time_limit)
+
+
+def register(client: TestClient, body: dict | None = None) -> httpx.Response:
+    """POST /v1/datasets (202), the scan run here, then GET the dataset."""
+    body = DATASET if body is None else body
+    r = client.post("/v1/datasets", json=body)
+    assert r.status_code == 202, r.text
+    run_registration_here(client, body["name"])
+    return client.get(r.headers["location"])
+
+
 @pytest.fixture
 def registered(client: TestClient) -> TestClient:
     """The client, with dataset ``toy`` registered."""
-    assert client.post("/v1/datasets", json=DATASET).status_code == 201
+    assert register(client).json()["state"] == "ready"
     return client
 
 
@@ -235,8 +260,8 @@ def test_dataset_symlink_out_of_the_data_root_is_400(client: TestClient, root: P
         assert_problem(client.post("/v1/datasets", json={"name": "esc", "path": path}), 400)
     # A link that stays inside the root is followed.
     os.symlink("toy", root / "data" / "inside-link")
-    r = client.post("/v1/datasets", json={"name": "inside", "path": "inside-link"})
-    assert r.status_code == 201, r.text
+    r = register(client, {"name": "inside", "path": "inside-link"})
+    assert r.json()["state"] == "ready" and r.json()["num_images"] == 12, r.text
 
 
 @pytest.mark.parametrize("escape", ESCAPES)
@@ -293,8 +318,8 @@ def test_symlink_loop_in_the_checkpoint_root(registered: TestClient, root: Path)
 def test_dangling_image_symlink_in_a_dataset_is_skipped(client: TestClient, root: Path):
     folder = make_sample_images(root / "data" / "dangling", per_class=1)
     os.symlink(root / "data" / "gone.jpg", folder / "circles" / "gone.jpg")
-    r = client.post("/v1/datasets", json={"name": "dangling", "path": "dangling"})
-    assert r.status_code == 201 and r.json()["num_images"] == 3  # not a file: not listed
+    r = register(client, {"name": "dangling", "path": "dangling"})
+    assert r.json()["state"] == "ready" and r.json()["num_images"] == 3  # not a file: not listed
 
 
 def test_image_symlink_out_of_the_data_root_is_refused(client: TestClient, root: Path,
@@ -302,9 +327,18 @@ def test_image_symlink_out_of_the_data_root_is_refused(client: TestClient, root:
     outside = make_sample_images(tmp_path_factory.mktemp("outside"), per_class=1)
     folder = make_sample_images(root / "data" / "escape", per_class=1)
     os.symlink(outside / "circles" / "0000.jpg", folder / "circles" / "link.jpg")
-    r = client.post("/v1/datasets", json={"name": "escape", "path": "escape"})
-    assert_client_error(r)
-    assert "outside the data root" in r.json()["detail"]
+    r = register(client, {"name": "escape", "path": "escape"})
+    escape = r.json()
+    assert escape["state"] == "failed" and "retry-after" not in r.headers, escape
+    assert "circles/link.jpg" in escape["error"] and "outside the data root" in escape["error"]
+    assert escape["num_images"] is None and escape["fingerprint"] is None
+    assert Store.open(client.app.state.settings.store).dataset_names() == []
+    # A job on it is refused with the reason; registering again (fixed) starts a new scan.
+    r = submit(client, job_with(dataset="escape"))
+    assert "outside the data root" in assert_problem(r, 409)["detail"]
+    os.unlink(folder / "circles" / "link.jpg")
+    again = register(client, {"name": "escape", "path": "escape"}).json()
+    assert again["state"] == "ready" and again["num_images"] == 3 and again["error"] is None
 
 
 # -- 413 ---------------------------------------------------------------------------------------
@@ -344,7 +378,7 @@ def test_body_under_the_limit_chunked_is_read(client: TestClient):
         yield b'"path": "toy"}'
 
     r = client.post("/v1/datasets", content=chunks(), headers={"Content-Type": "application/json"})
-    assert r.status_code == 201, r.text
+    assert r.status_code == 202, r.text
 
 
 # -- 422 ---------------------------------------------------------------------------------------
@@ -406,32 +440,170 @@ def test_job_with_a_missing_checkpoint_or_unknown_model_is_422(registered: TestC
 # -- datasets ---------------------------------------------------------------------------------
 
 
-def test_register_then_register_again_then_changed(client: TestClient, root: Path):
-    r = client.post("/v1/datasets", json=DATASET)
-    assert r.status_code == 201, r.text
-    assert r.headers["location"] == "/v1/datasets/toy"
-    first = r.json()
-    assert first["num_images"] == 12
-    assert first["class_names"] == ["circles", "squares", "stripes"]
-    assert first["labelsets"] == []
+def registration_record(redis_db: redis.Redis, name: str) -> dict[str, str]:
+    return redis_db.hgetall(f"labeler:registration:{name}")
 
+
+def test_register_is_202_then_registering_then_ready(client: TestClient, root: Path,
+                                                      clean_redis: redis.Redis):
+    r = client.post("/v1/datasets", json=DATASET)
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == "/v1/datasets/toy" and int(r.headers["retry-after"]) > 0
+    pending = r.json()
+    assert pending == {"name": "toy", "state": "registering", "num_images": None,
+                       "class_names": None, "fingerprint": None, "created_at": None,
+                       "labelsets": [], "files_scanned": 0, "files_total": None, "error": None}
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 1  # queued for a worker, not scanned here
+    assert clean_redis.llen("labeling") == 0  # not in front of (or behind) shard tasks
+
+    polled = client.get("/v1/datasets/toy")
+    assert polled.json() == pending and int(polled.headers["retry-after"]) > 0
+    assert client.get("/v1/datasets").json() == {"datasets": [pending]}
+    # While it registers: the same folder is the same registration, another folder a conflict,
+    # and a job on it is refused.
+    again = client.post("/v1/datasets", json=DATASET)
+    assert again.status_code == 202 and again.json() == pending
+    assert client.post("/v1/datasets", json={"name": "toy", "path": "./toy/"}).status_code == 202
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 1
+    other = client.post("/v1/datasets", json={"name": "toy", "path": "toy/circles"})
+    assert "another folder" in assert_problem(other, 409)["detail"]
+    r = submit(client)
+    assert "still registering" in assert_problem(r, 409)["detail"]
+    assert list_all_jobs(client) == []
+
+    assert run_registration_here(client, "toy") == "ready"
+    r = client.get("/v1/datasets/toy")
+    ready = r.json()
+    assert r.status_code == 200 and "retry-after" not in r.headers
+    assert ready["state"] == "ready" and ready["error"] is None
+    assert ready["num_images"] == ready["files_scanned"] == ready["files_total"] == 12
+    assert ready["class_names"] == ["circles", "squares", "stripes"]
+    assert ready["labelsets"] == [] and ready["created_at"]
+    # The same dataset `labeler datasets add` (Store.add_dataset in-process) makes.
+    local = Store.open(root / "local")
+    expected, _ = local.add_dataset("toy", root / "data" / "toy")
+    assert ready["fingerprint"] == expected.fingerprint
+    assert client.get("/v1/datasets").json() == {"datasets": [ready]}
+
+    # Ready: the same folder again is the dataset (200, no new scan); another folder a conflict.
     again = client.post("/v1/datasets", json=DATASET)
     assert again.status_code == 200, again.text
-    assert again.json() == first and again.headers["location"] == "/v1/datasets/toy"
-
-    assert client.get("/v1/datasets/toy").json() == first
-    assert client.get("/v1/datasets").json() == {"datasets": [first]}
-
-    shutil.copy(root / "data" / "toy" / "circles" / "0000.jpg",
-                root / "data" / "toy" / "circles" / "extra.jpg")
-    assert "toy" in assert_problem(client.post("/v1/datasets", json=DATASET), 409)["detail"]
-    assert client.get("/v1/datasets/toy").json() == first  # unchanged
+    assert again.json() == ready and again.headers["location"] == "/v1/datasets/toy"
+    assert "retry-after" not in again.headers
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 1
+    other = client.post("/v1/datasets", json={"name": "toy", "path": "toy/circles"})
+    assert "already registered" in assert_problem(other, 409)["detail"]
+    assert submit(client).status_code == 202
 
     # The same folder under a second name is a second dataset.
-    r = client.post("/v1/datasets", json={"name": "toy2", "path": "toy"})
-    assert r.status_code == 201 and r.json()["num_images"] == 13
+    second = register(client, {"name": "toy2", "path": "toy"}).json()
+    assert second["state"] == "ready" and second["fingerprint"] == ready["fingerprint"]
     names = [d["name"] for d in client.get("/v1/datasets").json()["datasets"]]
-    assert sorted(names) == ["toy", "toy2"]
+    assert names == ["toy", "toy2"]
+
+
+def test_concurrent_posts_queue_one_scan(client: TestClient, clean_redis: redis.Redis):
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/datasets", json=DATASET), range(16)))
+    assert [r.status_code for r in answers] == [202] * 16, [r.text for r in answers]
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 1
+    assert run_registration_here(client, "toy") == "ready"
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/datasets", json=DATASET), range(8)))
+    assert {r.status_code for r in answers} == {200}
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 1
+
+
+def test_registration_lost_by_redis_store_says_ready(registered: TestClient,
+                                                     clean_redis: redis.Redis):
+    ready = registered.get("/v1/datasets/toy").json()
+    clean_redis.flushdb()
+    assert registered.get("/v1/datasets/toy").json() == ready
+    assert registered.get("/v1/datasets").json() == {"datasets": [ready]}
+    assert registered.post("/v1/datasets", json=DATASET).status_code == 200
+    assert submit(registered).status_code == 202
+
+
+def test_a_registration_stuck_past_the_visibility_timeout_is_queued_again(
+        client: TestClient, clean_redis: redis.Redis):
+    assert client.post("/v1/datasets", json=DATASET).status_code == 202
+    first = registration_record(clean_redis, "toy")
+    # Its task was lost (a purged queue, a broker restarted without the message): no heartbeat.
+    timeout = client.app.state.settings.visibility_timeout
+    clean_redis.hset("labeler:registration:toy", "updated_at", time.time() - timeout - 5)
+    r = client.post("/v1/datasets", json=DATASET)
+    assert r.status_code == 202 and r.json()["state"] == "registering"
+    second = registration_record(clean_redis, "toy")
+    assert second["attempt"] != first["attempt"]
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 2
+    # The old task, should it still come, does nothing; the new one registers.
+    state = client.app.state
+    assert run_registration(state.registrations, state.store, state.settings.data_root, "toy",
+                            first["attempt"]) is None
+    assert registration_record(clean_redis, "toy")["state"] == "registering"
+    assert run_registration_here(client, "toy") == "ready"
+    assert client.get("/v1/datasets/toy").json()["state"] == "ready"
+
+
+def test_redis_emptied_mid_scan_the_dataset_is_still_written(client: TestClient,
+                                                             clean_redis: redis.Redis):
+    assert client.post("/v1/datasets", json=DATASET).status_code == 202
+    state = client.app.state
+    attempt = state.registrations.get("toy").attempt
+    looks = 0
+
+    def clock() -> float:  # each look 2 s later (a progress write each time); Redis lost at 3
+        nonlocal looks
+        looks += 1
+        if looks == 3:
+            clean_redis.flushdb()
+        return looks * 2.0
+
+    assert run_registration(state.registrations, state.store, state.settings.data_root, "toy",
+                            attempt, clock=clock) == "ready"
+    assert looks > 3
+    assert client.get("/v1/datasets/toy").json()["num_images"] == 12  # the store says ready
+
+
+def test_a_scan_past_its_deadline_fails_with_advice(client: TestClient):
+    assert client.post("/v1/datasets", json=DATASET).status_code == 202
+    state = client.app.state
+    ticks = iter(range(0, 10**6, 7))  # every look at the clock: 7 s later
+    result = run_registration(state.registrations, state.store, state.settings.data_root, "toy",
+                              state.registrations.get("toy").attempt, time_limit=20,
+                              clock=lambda: next(ticks))
+    assert result == "failed"
+    failed = client.get("/v1/datasets/toy").json()
+    assert failed["state"] == "failed" and "LABELER_VISIBILITY_TIMEOUT" in failed["error"]
+    # Failed: the next POST starts a new registration.
+    assert register(client).json()["state"] == "ready"
+
+
+def test_a_folder_gone_before_the_scan_fails(client: TestClient, root: Path):
+    folder = make_sample_images(root / "data" / "brief", per_class=1)
+    assert client.post("/v1/datasets", json={"name": "brief", "path": "brief"}).status_code == 202
+    shutil.rmtree(folder)
+    assert run_registration_here(client, "brief") == "failed"
+    failed = client.get("/v1/datasets/brief").json()
+    assert failed["state"] == "failed" and "not a directory" in failed["error"]
+    assert client.get("/v1/datasets").json()["datasets"] == [failed]
+
+
+def test_an_unreadable_subdirectory_fails_the_registration(client: TestClient, root: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    make_sample_images(root / "data" / "locked", per_class=1)
+    real_scandir = os.scandir
+
+    def scandir(path):  # chmod 0 would not stop these tests when they run as root
+        if str(path).endswith("squares"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    failed = register(client, {"name": "locked", "path": "locked"}).json()
+    assert failed["state"] == "failed", failed
+    assert failed["error"] == "cannot read the folder: [Errno 13] Permission denied: " \
+                              "'locked/squares'"  # not a smaller dataset; no server paths
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -638,12 +810,16 @@ def test_metrics(registered: TestClient):
     assert "labeler_queue_depth" in text and "labeler_workers 0.0" in text
 
 
-def test_readyz_is_503_when_redis_is_unreachable(start):
+def test_readyz_is_503_when_redis_is_unreachable(start, root: Path):
     with start(redis_url="redis://127.0.0.1:1/0") as client:
         assert client.get("/healthz").status_code == 200
         body = assert_problem(client.get("/readyz"), 503)
         assert "redis" in body["detail"]
-        assert client.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 201
+        # Registering needs Redis (its state lives there); a dataset already in the store does
+        # not, so the job below is valid, and has nowhere to be queued.
+        assert_problem(client.post("/v1/datasets", json=DATASET), 503)
+        Store.open(client.app.state.settings.store).add_dataset("toy", root / "data" / "toy")
+        assert client.get("/v1/datasets/toy").json()["state"] == "ready"
         r = client.post("/v1/jobs", json=JOB)  # a valid job, and nowhere to queue it
         assert_problem(r, 503)
         assert r.headers["retry-after"] and "Redis is unavailable" in r.json()["detail"]

@@ -39,8 +39,8 @@ def start_slow_job(cluster: Cluster, workers: tuple[str, ...] = ("w0",),
 
 
 def submit(cluster: Cluster) -> str:
+    cluster.register("toy", "toy")
     with cluster.client() as client:
-        assert client.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 201
         r = client.post("/v1/jobs", json=SLOW_JOB)
         assert r.status_code == 202, r.text
         return r.json()["id"]

@@ -22,8 +22,9 @@ def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_p
     cluster.start_worker()
     with cluster.client() as client:
         r = client.post("/v1/datasets", json={"name": "toy", "path": "toy"})
-        assert r.status_code == 201, r.text
-        assert r.json()["num_images"] == 12 and r.headers["location"] == "/v1/datasets/toy"
+        assert r.status_code == 202, r.text
+        assert r.headers["location"] == "/v1/datasets/toy"
+        assert cluster.wait_dataset("toy")["num_images"] == 12  # scanned by the worker
         assert client.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 200
 
         r = client.post("/v1/jobs", json=JOB)
@@ -74,8 +75,8 @@ def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_p
 def test_a_job_whose_labelset_is_complete_succeeds_at_once(cluster: Cluster):
     cluster.start_api()
     cluster.start_worker()
+    cluster.register("toy", "toy")
     with cluster.client() as client:
-        client.post("/v1/datasets", json={"name": "toy", "path": "toy"})
         first = cluster.wait_job(client.post("/v1/jobs", json=JOB).json()["id"])
         assert first["state"] == "succeeded"
         r = client.post("/v1/jobs", json=JOB)  # the same request again, no Idempotency-Key

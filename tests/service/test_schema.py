@@ -1,10 +1,10 @@
 """Property-based requests generated from the OpenAPI schema (schemathesis): no 5xx, ever.
 
 In-process over ASGI (schemathesis runs the app's lifespan), the real Redis (db 11 unless
-LABELER_TEST_API_REDIS_URL names another), no workers. A dataset, a queued job and an unlabeled
-label set exist first, and about half of the cases aim their path parameters and ``dataset`` at
-them, so the handlers get past their 404s. Valid and invalid requests (schemathesis' positive and
-negative modes), every one with a valid API key.
+LABELER_TEST_API_REDIS_URL names another), no workers. A dataset (its registration run here, as
+a worker would), a queued job and an unlabeled label set exist first, and about half of the cases
+aim their path parameters and ``dataset`` at them, so the handlers get past their 404s. Valid
+and invalid requests (schemathesis' positive and negative modes), every one with a valid API key.
 
 One pytest test per operation, each a Hypothesis run over ``APIOperation.as_strategy()``:
 schemathesis' own ``from_fixture`` loader needs ``Node._nodeid``, which pytest 9 no longer has,
@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 
 from labeler_service.api.main import create_app
+from labeler_service.registrations import run_registration
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
 from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
@@ -69,7 +70,10 @@ def service(tmp_path: Path, checkpoint: Path) -> Iterator[Service]:
                       api_keys="k1,k2", api_keys_file=None, max_body_bytes=4096)
     app = create_app(config)
     with TestClient(app, headers=AUTH) as setup:
-        assert setup.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 201
+        assert setup.post("/v1/datasets", json={"name": "toy", "path": "toy"}).status_code == 202
+        registrations = setup.app.state.registrations
+        assert run_registration(registrations, setup.app.state.store, config.data_root, "toy",
+                                registrations.get("toy").attempt) == "ready"  # as a worker does
         r = setup.post("/v1/jobs", json=JOB)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]

@@ -1,62 +1,166 @@
-"""``/v1/datasets``: register an image folder under the data root, list and show datasets."""
+"""``/v1/datasets``: register an image folder under the data root (a long-running operation),
+list and show datasets.
+
+``POST`` checks what is cheap (the body, the path inside the data root, that it is a directory),
+records a registration in Redis and queues the scan on a worker: 202 Accepted with
+``Location: /v1/datasets/{name}``, which reports ``state`` registering, then ready or failed.
+The store is the source of truth for ready datasets; Redis holds registrations not finished yet,
+and failed ones (labeler_service/registrations.py).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, HTTPException, Response, status
 
-from labeler_service.api.deps import SettingsDep, StoreDep
-from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut
+from labeler_service.api.deps import RegistrationsDep, SettingsDep, StoreDep
+from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut, Problem
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
-from storage import Dataset, DatasetChangedError, Store, scan_image_folder
-from storage.manifest import FileOutsideRoot
+from labeler_service.registrations import Registration, RegistrationStore
+from labeler_service.tasks import enqueue_registration
+from storage import Dataset, Store, StoreError
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+RETRY_AFTER_SECONDS = "5"  # a scan takes seconds to many minutes
 
 
 def dataset_out(dataset: Dataset) -> DatasetOut:
-    return DatasetOut(name=dataset.name, num_images=dataset.num_images,
+    return DatasetOut(name=dataset.name, state="ready", num_images=dataset.num_images,
                       class_names=list(dataset.class_names), fingerprint=dataset.fingerprint,
-                      created_at=dataset.attrs["created_at"], labelsets=dataset.labelset_ids())
+                      created_at=dataset.attrs["created_at"], labelsets=dataset.labelset_ids(),
+                      files_scanned=dataset.num_images, files_total=dataset.num_images,
+                      error=None)
 
 
-def find_dataset(store: Store, name: str) -> Dataset:
+def registration_out(registration: Registration, response: Response | None = None) -> DatasetOut:
+    if response is not None and registration.state == "registering":
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return DatasetOut(name=registration.name, state=registration.state, num_images=None,
+                      class_names=None, fingerprint=None, created_at=None, labelsets=[],
+                      files_scanned=registration.files_scanned,
+                      files_total=registration.files_total, error=registration.error)
+
+
+def ready_dataset(store: Store, name: str) -> Dataset | None:
+    """The dataset if the store holds it complete (one being written has no attrs yet)."""
     try:
         return store.dataset(name)
-    except KeyError:
-        raise HTTPException(404, f"no dataset {name!r}") from None
+    except (KeyError, StoreError):
+        return None
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses={200: {"description": "Already registered with the same contents"},
-                        400: {"description": "Path outside the data root"},
-                        409: {"description": "Registered with other contents"}})
+def lookup(store: Store, registrations: RegistrationStore,
+           name: str) -> Dataset | Registration | None:
+    """The dataset if ready, else its registration (in progress or failed), else None."""
+    dataset = ready_dataset(store, name)
+    if dataset is not None:
+        return dataset
+    registration = registrations.get(name)
+    if registration is not None and registration.state == "ready":
+        # Written between the two reads (or removed from the store since): the store decides.
+        return ready_dataset(store, name)
+    return registration
+
+
+def find_dataset(store: Store, registrations: RegistrationStore, name: str) -> Dataset:
+    """A ready dataset, for routes that use one: 404 if unknown, 409 if not ready."""
+    found = lookup(store, registrations, name)
+    if found is None:
+        raise HTTPException(404, f"no dataset {name!r}")
+    if isinstance(found, Registration):
+        if found.state == "registering":
+            raise HTTPException(409, f"dataset {name!r} is still registering: poll "
+                                     f"GET /v1/datasets/{name} until its state is ready")
+        raise HTTPException(409, f"dataset {name!r} failed to register ({found.error}); "
+                                 "POST /v1/datasets again to retry")
+    return found
+
+
+def already_registered(dataset: Dataset, directory: Path) -> DatasetOut:
+    if dataset.source_root != str(directory):
+        raise HTTPException(409, f"dataset {dataset.name!r} is already registered from another "
+                                 "folder; register this one under another name")
+    return dataset_out(dataset)
+
+
+LOCATION = {"description": "/v1/datasets/{name}", "schema": {"type": "string"}}
+RETRY_AFTER = {"description": "Seconds to wait before polling, while registering",
+               "schema": {"type": "string"}}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetOut,
+             responses={202: {"description": "Registration queued or in progress: poll Location",
+                              "headers": {"Location": LOCATION, "Retry-After": RETRY_AFTER}},
+                        200: {"description": "Already registered from this folder (not "
+                                             "scanned again)", "model": DatasetOut,
+                              "headers": {"Location": LOCATION}},
+                        400: {"description": "Path outside the data root", "model": Problem},
+                        409: {"description": "The name is registered, or being registered, "
+                                             "from another folder", "model": Problem},
+                        422: {"description": "Invalid request, or the path is not a directory",
+                              "model": Problem}})
 def register_dataset(body: DatasetCreate, settings: SettingsDep, store: StoreDep,
-                     response: Response) -> DatasetOut:
-    """Register every image under ``path`` (relative to the data root), recursively."""
+                     registrations: RegistrationsDep, response: Response) -> DatasetOut:
+    """Register every image under ``path`` (relative to the data root), recursively.
+
+    202 Accepted: the folder is scanned on a worker; poll ``Location`` (``state`` registering,
+    then ready or failed). The same name and folder again: the same registration while it runs
+    (202), the dataset once ready (200, no rescan), a new registration after a failure (202).
+    """
     try:
         directory = resolve_inside(settings.data_root, body.path)
     except PathOutsideRoot as e:
         raise HTTPException(400, str(e)) from None
     if not is_kind(directory, "dir"):
         raise HTTPException(422, f"{body.path!r} is not a directory under the data root")
-    try:
-        manifest = scan_image_folder(directory, confine_to=settings.data_root)
-        dataset, created = store.add_dataset(body.name, directory, manifest=manifest)
-    except FileOutsideRoot as e:
-        raise HTTPException(400, str(e)) from None
-    except DatasetChangedError as e:
-        raise HTTPException(409, str(e)) from None
-    response.headers["Location"] = f"/v1/datasets/{dataset.name}"
-    if not created:
+    response.headers["Location"] = f"/v1/datasets/{body.name}"
+    dataset = ready_dataset(store, body.name)
+    if dataset is not None:
         response.status_code = status.HTTP_200_OK
-    return dataset_out(dataset)
+        return already_registered(dataset, directory)
+    outcome, registration = registrations.begin(body.name, body.path, directory)
+    if outcome == "ready":  # Redis says ready: the store decides
+        dataset = ready_dataset(store, body.name)
+        if dataset is not None:
+            response.status_code = status.HTTP_200_OK
+            return already_registered(dataset, directory)
+        outcome, registration = registrations.begin(body.name, body.path, directory, force=True)
+    if outcome == "conflict":
+        raise HTTPException(409, f"dataset {body.name!r} is being registered from another "
+                                 f"folder ({registration.path!r})")
+    if outcome == "created":
+        try:
+            enqueue_registration(registration.name, registration.attempt)
+        except Exception:
+            registrations.discard(registration.name, registration.attempt)
+            raise
+    return registration_out(registration, response)
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(store: StoreDep) -> DatasetList:
-    return DatasetList(datasets=[dataset_out(store.dataset(n)) for n in store.dataset_names()])
+def list_datasets(store: StoreDep, registrations: RegistrationsDep) -> DatasetList:
+    """Every dataset: ready ones (the store's) and registrations in progress or failed."""
+    found: dict[str, DatasetOut] = {}
+    for registration in registrations.all():
+        if registration.state != "ready":
+            found[registration.name] = registration_out(registration)
+    for name in store.dataset_names():
+        dataset = ready_dataset(store, name)
+        if dataset is not None:
+            found[name] = dataset_out(dataset)
+    return DatasetList(datasets=[found[name] for name in sorted(found)])
 
 
-@router.get("/{name}", response_model=DatasetOut, responses={404: {"description": "Not found"}})
-def get_dataset(name: str, store: StoreDep) -> DatasetOut:
-    return dataset_out(find_dataset(store, name))
+@router.get("/{name}", response_model=DatasetOut,
+            responses={200: {"headers": {"Retry-After": RETRY_AFTER}},
+                       404: {"description": "Not found", "model": Problem}})
+def get_dataset(name: str, store: StoreDep, registrations: RegistrationsDep,
+                response: Response) -> DatasetOut:
+    """A dataset; ``Retry-After`` while it is registering."""
+    found = lookup(store, registrations, name)
+    if found is None:
+        raise HTTPException(404, f"no dataset {name!r}")
+    if isinstance(found, Registration):
+        return registration_out(found, response)
+    return dataset_out(found)

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi import Path as PathParam
 
-from labeler_service.api.deps import JobsDep, RedisDep, SettingsDep, StoreDep
+from labeler_service.api.deps import JobsDep, RedisDep, RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.routes.datasets import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.jobs import Job, JobStore, resolved_labelset_key
@@ -37,11 +37,12 @@ def find_job(jobs: JobStore, job_id: str) -> Job:
     return job
 
 
-def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep) -> Path:
+def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
+                  registrations: RegistrationsDep) -> Path:
     """Refuse what cannot run; returns the checkpoint's resolved path."""
     import timm
 
-    find_dataset(store, body.dataset)
+    find_dataset(store, registrations, body.dataset)  # 409 while it is registering
     try:
         checkpoint = resolve_inside(settings.checkpoint_root, body.teacher.checkpoint)
     except PathOutsideRoot as e:
@@ -94,14 +95,16 @@ def record_idempotency_key(client: RedisDep, key: str, fingerprint: str, job_id:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={400: {"description": "Checkpoint path outside its root"},
                         404: {"description": "No such dataset"},
-                        409: {"description": "Same Idempotency-Key still in progress"},
+                        409: {"description": "The dataset is not ready (registering or "
+                                             "failed), or the same Idempotency-Key is still in "
+                                             "progress"},
                         422: {"description": "Invalid request, or Idempotency-Key reused with "
                                              "another body"}})
 def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store: StoreDep,
-               jobs: JobsDep, client: RedisDep,
+               jobs: JobsDep, client: RedisDep, registrations: RegistrationsDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
     """Queue a labeling job; poll the ``Location`` it answers with."""
-    checkpoint = check_request(body, settings, store)
+    checkpoint = check_request(body, settings, store, registrations)
     request = body.model_dump(exclude={"dataset"})
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
