@@ -40,6 +40,11 @@
    mostly the aux head's backward (its logits get a gradient only with token labels), reported
    as "rest of the step difference" (step difference - targets() - (token loss - ce loss)).
 
+   ANF alone: one ANF module of each ANF variant (its own dims and init), forward + backward
+   on a [B, tokens, D] input, median of ``--parts-reps``, times the model's number of modules,
+   as a share of the token-label step: steadier than a difference of whole steps on a noisy
+   machine.
+
 2. Loader (``--loader-images`` > 0): an ImageFolder of ImageNet-like JPEGs
    (``bench_label.make_imagenet_like``: 300-500 x 280-420 px, ~90 KB), labeled by
    ``label_dataset`` with a random-weight ``test_nfnet`` (1000 classes, top-5) at
@@ -300,6 +305,37 @@ def time_parts(args, pool: list[dict], grid: tuple[int, int], num_classes: int,
     return out
 
 
+def time_anf(args, variants: list[Variant], device: torch.device) -> dict:
+    """Median seconds of one step's ANF modules alone, forward + backward, per ANF variant: one
+    module (the model's own, same dims and init) on a [B, prefix + h*w, D] input, x the
+    number of modules the model has. Steadier than the difference of two whole steps."""
+    out = {}
+    gen = torch.Generator().manual_seed(args.seed)
+    for v in variants:
+        if not v.model_kwargs.get("anf"):
+            continue
+        model = create_model(args.model, num_classes=args.num_classes, img_size=args.input_size,
+                             **v.model_kwargs)
+        anf = next(iter(model.anf.values())).to(device)
+        x = torch.randn(args.batch_size, model.num_prefix_tokens + model.grid[0] * model.grid[1],
+                        model.embed_dim, generator=gen).to(device)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+
+        def f_b(anf=anf, x=x, grid=model.grid, prefix=model.num_prefix_tokens,
+                autocast=autocast):
+            leaf = x.detach().requires_grad_()
+            with autocast:
+                y = anf(leaf, grid, prefix)
+            y.float().sum().backward()
+
+        f_b()  # warm-up
+        times = [timed(f_b, device) for _ in range(args.parts_reps)]
+        out[v.name] = {"modules": len(model.anf), "ms_per_module": statistics.median(times) * 1e3,
+                       "ms_per_step": statistics.median(times) * 1e3 * len(model.anf)}
+    return out
+
+
 # -- the loader ---------------------------------------------------------------------------------
 
 def time_loader(args, base: Path, device: torch.device, synthetic: dict) -> dict:
@@ -400,6 +436,7 @@ def run(args) -> dict:
     extra = time_steps(args, variants, pool, args.num_classes, device)
     steps_s = time.perf_counter() - t0
     parts = time_parts(args, pool, model_grid, args.num_classes, device)
+    anf_alone = time_anf(args, variants, device)
 
     by_name = {v.name: v for v in variants}
     steps = {}
@@ -426,6 +463,8 @@ def run(args) -> dict:
     parts_ms["rest of the step difference"] = (
         steps["token label"]["ms"] - steps["ce (--no-token-label)"]["ms"]
         - parts_ms["targets()"] - (parts_ms["token loss f+b"] - parts_ms["ce loss f+b"]))
+    for row in anf_alone.values():
+        row["of_token_label_step"] = row["ms_per_step"] / steps["token label"]["ms"]
     consumption = steps["token label"]["img_s"]
     if loader:
         for r in loader["runs"]:
@@ -454,6 +493,7 @@ def run(args) -> dict:
         "steps": steps,
         "losses": extra["losses"],
         "token_label_parts_ms": parts_ms,
+        "anf_alone": anf_alone,
         "model_img_s": consumption,
         "loader": loader,
     }
@@ -485,6 +525,10 @@ def print_table(out: dict) -> None:
     for name in ("densify", "roi_align tokens", "roi_align 1x1", "targets()", "token loss f+b",
                  "ce loss f+b", "rest of the step difference"):
         print(f"  {name:<28} {parts[name]:>8.1f}")
+    print("ANF modules alone, forward + backward, per step (vs the token-label step):")
+    for name, r in out["anf_alone"].items():
+        print(f"  {name:<28} {r['modules']} x {r['ms_per_module']:.1f} ms = "
+              f"{r['ms_per_step']:.0f} ms ({r['of_token_label_step']:.1%})")
     loader = out["loader"]
     if not loader:
         return

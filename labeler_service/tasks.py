@@ -114,6 +114,20 @@ def dataset_for(name: str):
     return services()[1].dataset(name)
 
 
+@lru_cache(maxsize=1)  # one set of decoding processes per worker process: the latest asked for
+def decoder_for(dataset_name: str, labelset_id: str, device: str):
+    """The decoding processes for a label set's images, started at its first shard task and
+    kept for the next ones (starting them per task cost ~140 ms a shard on 2 CPU cores:
+    BENCHMARKS.md). Replacing it ends the previous one's processes."""
+    import torch
+
+    from labeler_service.labeling import ImageDecoder
+
+    dataset = dataset_for(dataset_name)
+    return ImageDecoder.for_labelset(dataset, dataset.labelset(labelset_id), labeling_options(),
+                                     torch.device(device))
+
+
 def resolve_checkpoint(relative: str) -> Path:
     """A request's checkpoint path, inside the checkpoint root (re-checked on the worker)."""
     from labeler_service.paths import resolve_inside
@@ -201,7 +215,9 @@ def label_shard(self, job_id: str, shard: int) -> None:
             report = label_shards(labelset, dataset_for(job.dataset), runner, [shard],
                                   labeling_options(),
                                   should_stop=lambda: jobs.cancel_requested(job_id),
-                                  report=LabelingReport(labelset.id, 1))
+                                  report=LabelingReport(labelset.id, 1),
+                                  decoder=decoder_for(job.dataset, labelset.id,
+                                                      str(runner.device)))
         except Exception as e:
             if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
                 raise
