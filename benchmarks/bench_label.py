@@ -332,17 +332,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pixel noise std of the sample JPEGs (32: ~90 KB files, ImageNet ~110 KB)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dir", type=Path, default=None,
-                   help="parent directory for the scratch files (default: the system temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    common.add_scratch_args(p)
     args = p.parse_args(argv)
     if min(args.images, args.batch_size, args.shard_size, args.rounds) < 1:
         p.error("--images, --batch-size, --shard-size and --rounds must be >= 1")
     if args.shard_size % min(args.chunk_size, args.shard_size):
         p.error("--shard-size must be a multiple of --chunk-size")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    common.check_device(p, args.device)
     return args
 
 

@@ -170,15 +170,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dir", type=Path, default=None,
-                   help="parent directory for the scratch files (default: the system temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    common.add_scratch_args(p)
     args = p.parse_args(argv)
     if min(args.images, args.batch_size, args.shard_size, args.rounds, args.threads) < 1:
         p.error("--images, --batch-size, --shard-size, --rounds and --threads must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    common.check_device(p, args.device)
     return args
 
 

@@ -580,10 +580,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-size", type=int, default=448,
                    help="test_nfnet input px for the loader's labels (448: a 14x14 grid)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dir", type=Path, default=None,
-                   help="parent directory for the scratch files (default: the system temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    common.add_scratch_args(p)
     args = p.parse_args(argv)
     args.loader_workers = [int(w) for w in args.loader_workers.split(",") if w.strip()]
     if min(args.batch_size, args.steps, args.distinct_batches, args.parts_reps,
@@ -592,8 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "--threads must be >= 1, --warmup >= 0")
     if args.loader_images < 0 or any(w < 0 for w in args.loader_workers):
         p.error("--loader-images and --loader-workers must be >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    common.check_device(p, args.device)
     return args
 
 

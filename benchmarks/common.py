@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def main(parse_args: Callable, run: Callable[..., dict],
@@ -20,3 +23,16 @@ def emit(out: dict, print_table: Callable[[dict], None], json_out: Path | None) 
     print(line)
     if json_out:
         json_out.write_text(line + "\n")
+
+
+def add_scratch_args(p: argparse.ArgumentParser) -> None:
+    """``--dir``, ``--keep`` and ``--json-out``, as every benchmark that writes files has them."""
+    p.add_argument("--dir", type=Path, default=None,
+                   help="parent directory for the scratch files (default: the system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+
+
+def check_device(p: argparse.ArgumentParser, device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")

@@ -13,7 +13,8 @@ one shard and never counts it twice.
 in front of it; every ``labeler worker`` consumes both queues.
 
 The prefork parent never touches CUDA: the teacher is loaded lazily in the child, once, and
-reused across tasks and jobs.
+reused across tasks and jobs; so are the child's decoding processes, across a label set's shard
+tasks (``decoder_for``).
 """
 
 from __future__ import annotations
