@@ -233,20 +233,32 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
               help="Task processes; keep 1 per GPU.")
 @click.option("--name", default=None, help="Worker name (default: gpuN@host or cpu@host).")
+@click.option("--queues", default="labeling,registration", show_default=True,
+              help="Comma-separated queues: 'labeling' (shard tasks), 'registration' (dataset "
+                   "scans). E.g. a CPU-only worker near the data for scans alone: "
+                   "--queues registration.")
 @click.option("--loglevel", default=None, help="Default: LABELER_LOG_LEVEL.")
-def worker(gpu: int | None, concurrency: int, name: str | None, loglevel: str | None) -> None:
+def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
+           loglevel: str | None) -> None:
     """Run a Celery worker on the labeling and registration queues (settings from LABELER_*
     variables)."""
+    from labeler_service.tasks import QUEUES
+
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(chosen) - set(QUEUES))
+    if not chosen or unknown:
+        raise click.BadParameter(f"queues must be among {', '.join(QUEUES)}; got {queues!r}",
+                                 param_hint="--queues")
     if gpu is not None:
         # Before anything can initialise CUDA: the pool's children load the teacher lazily.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     from labeler_service.settings import get_settings
-    from labeler_service.tasks import QUEUES, app
+    from labeler_service.tasks import app
 
     settings = get_settings()
     hostname = name or (f"gpu{gpu}@%h" if gpu is not None else "cpu@%h")
     app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}",
-                     "-Q", ",".join(QUEUES), f"--hostname={hostname}",
+                     "-Q", ",".join(chosen), f"--hostname={hostname}",
                      f"--loglevel={loglevel or settings.log_level}",
                      "--without-gossip", "--without-mingle"])
 

@@ -178,3 +178,9 @@ def test_worker_consumes_the_labeling_and_registration_queues(run, monkeypatch):
     run("worker", "--name", "w@test")
     queues = argv[argv.index("-Q") + 1].split(",")
     assert sorted(queues) == ["labeling", "registration"]
+    argv.clear()
+    run("worker", "--queues", "registration")
+    assert argv[argv.index("-Q") + 1] == "registration"
+    argv.clear()
+    assert "queues must be among" in run("worker", "--queues", "labeling,gpu", code=2)
+    assert argv == []

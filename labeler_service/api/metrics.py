@@ -7,7 +7,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from labeler_service.jobs import STATES, JobStore
-from labeler_service.tasks import QUEUE, STATS
+from labeler_service.tasks import QUEUES, STATS
 
 
 class Metrics:
@@ -27,8 +27,8 @@ class Metrics:
         self.shard_seconds = Gauge("labeler_shard_seconds_sum",
                                    "Seconds spent labeling shards (divide by shards_labeled)",
                                    registry=r)
-        self.queue = Gauge("labeler_queue_depth", "Tasks waiting in the labeling queue",
-                           registry=r)
+        self.queue = Gauge("labeler_queue_depth", "Tasks waiting, by queue (labeling: shards, "
+                           "registration: dataset scans)", ["queue"], registry=r)
         self.workers = Gauge("labeler_workers", "Workers seen in the last minute", registry=r)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -47,6 +47,7 @@ class Metrics:
         self.images.set(float(stats.get("images_labeled", 0)))
         self.shards.set(float(stats.get("shards_labeled", 0)))
         self.shard_seconds.set(float(stats.get("shard_seconds_sum", 0)))
-        self.queue.set(client.llen(QUEUE))
+        for queue in QUEUES:
+            self.queue.labels(queue).set(client.llen(queue))
         self.workers.set(sum(1 for _ in client.scan_iter("labeler:worker:*", count=1000)))
         return generate_latest(self.registry)

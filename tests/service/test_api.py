@@ -807,7 +807,8 @@ def test_metrics(registered: TestClient):
     assert 'labeler_jobs{state="cancelled"} 0.0' in text
     assert "labeler_http_requests_total{" in text
     assert 'status="202"' in text and 'status="404"' in text
-    assert "labeler_queue_depth" in text and "labeler_workers 0.0" in text
+    assert 'labeler_queue_depth{queue="labeling"}' in text and "labeler_workers 0.0" in text
+    assert 'labeler_queue_depth{queue="registration"}' in text
 
 
 def test_readyz_is_503_when_redis_is_unreachable(start, root: Path):
