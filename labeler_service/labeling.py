@@ -190,7 +190,7 @@ class ImageDecoder:
 
     A service worker labels shard after shard of a dataset, one task each: starting the decoding
     processes per task would cost a fork each, plus their imports, every shard. It keeps one
-    decoder per dataset instead (``tasks.decoder_for``); ``labeler label`` makes one per run. The
+    decoder per label set instead (``tasks.decoder_for``); ``labeler label`` makes one per run. The
     processes end when the decoder is garbage-collected, or with this process.
     """
 
