@@ -23,6 +23,11 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as browsers do
 
 
+class DecodingProcessDied(RuntimeError):
+    """A decoding process died mid-pass (the OOM killer, a crash in a native decoder). The
+    decoder starts new processes at its next pass, so the work is worth trying again."""
+
+
 class ImageRejected(Exception):
     def __init__(self, status: ImageStatus, reason: str):
         super().__init__(reason)

@@ -22,7 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from labeler_service.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, read_image_bytes
+from labeler_service.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodingProcessDied,
+    ImageRejected,
+    decode_image,
+    read_image_bytes,
+)
 from labeler_service.teacher import DenseTeacher, build_teacher
 from storage import Dataset as StoreDataset
 from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store, class_dtype
@@ -196,13 +202,10 @@ class ImageDecoder:
 
     def __init__(self, images: ImageFileDataset, num_workers: int, pin_memory: bool,
                  source: tuple = ()) -> None:
-        self.images, self.num_workers = images, num_workers
+        self.images, self.num_workers, self.pin_memory = images, num_workers, pin_memory
         self.source = source  # what it decodes: see ``decoded_source``
         self._batches = BatchList()
-        self._loader = DataLoader(images, batch_sampler=self._batches, num_workers=num_workers,
-                                  collate_fn=collate, pin_memory=pin_memory,
-                                  prefetch_factor=2 if num_workers else None,
-                                  persistent_workers=num_workers > 0)
+        self._loader: DataLoader | None = None  # made (its processes started) at the first pass
 
     @classmethod
     def for_labelset(cls, dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions,
@@ -219,7 +222,25 @@ class ImageDecoder:
     def __call__(self, batches: list[list[int]]) -> Iterator[DecodedBatch]:
         """The decoded batches, in order. A pass left unfinished is dropped by the next one."""
         self._batches.batches = batches
-        return iter(self._loader) if batches else iter(())
+        if not batches:
+            return iter(())
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.images, batch_sampler=self._batches, num_workers=self.num_workers,
+                collate_fn=collate, pin_memory=self.pin_memory,
+                prefetch_factor=2 if self.num_workers else None,
+                persistent_workers=self.num_workers > 0)
+        return self._pass(self._loader)
+
+    def _pass(self, loader: DataLoader) -> Iterator[DecodedBatch]:
+        try:
+            yield from loader  # a persistent loader's iter() first drains an unfinished pass
+        except Exception as e:
+            # Whatever broke the pass may have broken the processes too: start new ones next.
+            self._loader = None
+            if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+                raise DecodingProcessDied(str(e)) from e
+            raise
 
 
 def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunner,

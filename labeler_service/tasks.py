@@ -29,6 +29,7 @@ from pathlib import Path
 import redis
 from celery import Celery, signals
 
+from labeler_service.images import DecodingProcessDied
 from labeler_service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ QUEUE = "labeling"
 REGISTRATION_QUEUE = "registration"
 QUEUES = (QUEUE, REGISTRATION_QUEUE)  # what `labeler worker` consumes
 STATS = "labeler:stats"  # counters across workers, exported by the API's /metrics
-# Errors worth retrying: the store or Redis briefly unreachable.
-TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError)
+# Errors worth retrying: the store or Redis briefly unreachable, a decoding process killed.
+TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError, DecodingProcessDied)
 
 app = Celery("labeler_service")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -184,6 +185,7 @@ def test_one_decoder_serves_many_calls_with_the_same_processes(
     that started its own decoding processes."""
     import multiprocessing
 
+    from labeler_service.images import DecodingProcessDied
     from labeler_service.labeling import ImageDecoder, TeacherRunner, label_shards
 
     options = dataclasses.replace(OPTIONS, num_workers=2, batch_size=2)
@@ -213,6 +215,23 @@ def test_one_decoder_serves_many_calls_with_the_same_processes(
         assert decoding_pids() == pids
     assert labelset.pending_shards() == []
     assert_same_labels(labels_of(other, report.labelset_id), labels_of(store, clean.labelset_id))
+
+    # A decoding process killed (the OOM killer, say): that pass fails with an error the worker
+    # retries, and the next pass starts new processes and labels as before.
+    third = Store.open(tmp_path / "third")
+    dataset, _ = third.add_dataset("toy", images)  # the same images: the decoder serves it
+    report = label_dataset(third, "toy", "test_nfnet", checkpoint, 64, 2, options, part=(0, 5))
+    labelset = dataset.labelset(report.labelset_id)
+    os.kill(min(pids), signal.SIGKILL)
+    # torch's SIGCHLD handler may raise here, in whatever code runs when the process dies.
+    with contextlib.suppress(RuntimeError):
+        time.sleep(1)
+    with pytest.raises(DecodingProcessDied):
+        label_shards(labelset, dataset, runner, [1], options, decoder=decoder)
+    label_shards(labelset, dataset, runner, [1, 2, 3, 4], options, decoder=decoder)
+    assert labelset.pending_shards() == []
+    assert len(decoding_pids()) == 2 and not decoding_pids() & pids
+    assert_same_labels(labels_of(third, report.labelset_id), labels_of(store, clean.labelset_id))
 
     del decoder
     deadline = time.monotonic() + 10
