@@ -38,7 +38,8 @@ PROGRESS_INTERVAL = 1.0  # seconds between progress writes (and heartbeats) to R
 # followed by the record (HGETALL): "created"; "existing" (in progress from the same folder);
 # "conflict" (in progress from another folder); "ready" (the record says ready: the caller asks
 # the store, and passes force=1 to replace a record whose dataset the store does not hold). A
-# failed registration, or one without a heartbeat for ARGV[6] seconds, is replaced.
+# failed registration, or one without a heartbeat for ARGV[6] seconds (lost: whatever its
+# folder), is replaced.
 _BEGIN = """
 local function answer(outcome)
   local record = redis.call('HGETALL', KEYS[1])
@@ -47,9 +48,11 @@ local function answer(outcome)
 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'registering' then
-  if redis.call('HGET', KEYS[1], 'directory') ~= ARGV[3] then return answer('conflict') end
   local updated = tonumber(redis.call('HGET', KEYS[1], 'updated_at') or '0')
-  if tonumber(ARGV[5]) - updated <= tonumber(ARGV[6]) then return answer('existing') end
+  if tonumber(ARGV[5]) - updated <= tonumber(ARGV[6]) then
+    if redis.call('HGET', KEYS[1], 'directory') ~= ARGV[3] then return answer('conflict') end
+    return answer('existing')
+  end
 elseif state == 'ready' and ARGV[7] ~= '1' then
   return answer('ready')
 end
@@ -154,9 +157,25 @@ class RegistrationStore:
         outcome, flat = reply[0], reply[1:]
         return outcome, Registration.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    def get(self, name: str) -> Registration | None:
+    def record(self, name: str) -> Registration | None:
+        """The registration as Redis holds it (what the task works from)."""
         h = self.r.hgetall(self.key(name))
         return Registration.from_hash(h) if h.get("attempt") else None
+
+    def get(self, name: str) -> Registration | None:
+        """The registration as clients see it: one in progress without a heartbeat for longer
+        than ``stale_after`` is failed (lost), not registering for ever."""
+        registration = self.record(name)
+        return None if registration is None else self.as_seen(registration)
+
+    def as_seen(self, registration: Registration) -> Registration:
+        if registration.state == "registering" and (
+                now() - registration.updated_at > self.stale_after):
+            registration.state = "failed"
+            registration.error = (
+                f"lost: no progress for over {self.stale_after:.0f} s (its worker died, or the "
+                "scan ran into the task time limit); POST it again to retry")
+        return registration
 
     def all(self) -> list[Registration]:
         """Every registration Redis still holds (expired ones leave the index here)."""
@@ -167,7 +186,7 @@ class RegistrationStore:
         found = []
         for name, h in zip(names, pipe.execute() if names else [], strict=True):
             if h.get("attempt"):
-                found.append(Registration.from_hash(h))
+                found.append(self.as_seen(Registration.from_hash(h)))
             else:
                 self.r.srem(self.INDEX, name)
         return found
@@ -227,7 +246,7 @@ def run_registration(registrations: RegistrationStore, store: Store, data_root: 
     again cannot fix marks the registration failed with the reason; anything else (Redis or the
     filesystem briefly unreachable) propagates, for the task to retry.
     """
-    registration = registrations.get(name)
+    registration = registrations.record(name)  # a task queued for long is late, not lost
     if registration is None or registration.attempt != attempt:
         return None
     if registration.state != "registering":

@@ -531,11 +531,21 @@ def test_a_registration_stuck_past_the_visibility_timeout_is_queued_again(
     # Its task was lost (a purged queue, a broker restarted without the message): no heartbeat.
     timeout = client.app.state.settings.visibility_timeout
     clean_redis.hset("labeler:registration:toy", "updated_at", time.time() - timeout - 5)
+    # Clients see it failed (lost), not registering for ever; a job on it says why.
+    seen = client.get("/v1/datasets/toy")
+    assert seen.json()["state"] == "failed" and "lost" in seen.json()["error"]
+    assert "retry-after" not in seen.headers
+    assert client.get("/v1/datasets").json()["datasets"][0]["state"] == "failed"
+    assert "lost" in assert_problem(submit(client), 409)["detail"]
+    # Even from another folder it can be registered again (a lost one holds no name).
+    lost_elsewhere = client.post("/v1/datasets", json={"name": "toy", "path": "toy/circles"})
+    assert lost_elsewhere.status_code == 202
+    clean_redis.hset("labeler:registration:toy", "updated_at", time.time() - timeout - 5)
     r = client.post("/v1/datasets", json=DATASET)
     assert r.status_code == 202 and r.json()["state"] == "registering"
     second = registration_record(clean_redis, "toy")
     assert second["attempt"] != first["attempt"]
-    assert clean_redis.llen(REGISTRATION_QUEUE) == 2
+    assert clean_redis.llen(REGISTRATION_QUEUE) == 3
     # The old task, should it still come, does nothing; the new one registers.
     state = client.app.state
     assert run_registration(state.registrations, state.store, state.settings.data_root, "toy",
