@@ -17,7 +17,9 @@ def resolve_inside(root: Path, relative: str) -> Path:
     try:
         path = (root / relative).resolve()  # follows symlinks: a link out of the root is caught
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise PathOutsideRoot(f"{relative!r} cannot be resolved: {e}") from None
+        # The reason only: the OS's message names the server path.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a symlink loop"
+        raise PathOutsideRoot(f"{relative!r} cannot be resolved: {reason}") from None
     if not path.is_relative_to(root):
         raise PathOutsideRoot(f"{relative!r} resolves outside the configured root")
     return path

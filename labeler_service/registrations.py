@@ -223,8 +223,9 @@ PERMANENT = (PathOutsideRoot, StoreError, ValueError, PermissionError, FileNotFo
              NotADirectoryError, ScanTooLong)
 
 
-def describe(error: BaseException, data_root: Path) -> str:
-    """The reason a failed registration shows, with paths relative to the data root."""
+def describe(error: BaseException, data_root: Path, store_location: str | None = None) -> str:
+    """The reason a failed registration shows: paths relative to the data root, the store's
+    location hidden (clients see neither server path)."""
     if isinstance(error, DatasetChangedError | PathOutsideRoot | ScanTooLong):
         reason = str(error)
     elif isinstance(error, FileOutsideRoot):
@@ -233,7 +234,10 @@ def describe(error: BaseException, data_root: Path) -> str:
         reason = f"cannot read the folder: {error}"
     else:
         reason = f"{type(error).__name__}: {error}"
-    return reason.replace(f"{Path(data_root).resolve()}/", "")
+    reason = reason.replace(f"{Path(data_root).resolve()}/", "")
+    if store_location:
+        reason = reason.replace(str(store_location).rstrip("/"), "<store>")
+    return reason
 
 
 def run_registration(registrations: RegistrationStore, store: Store, data_root: Path,
@@ -284,7 +288,7 @@ def run_registration(registrations: RegistrationStore, store: Store, data_root: 
     except Superseded:
         return None
     except PERMANENT as e:
-        registrations.finish(name, attempt, "failed", describe(e, data_root))
+        registrations.finish(name, attempt, "failed", describe(e, data_root, store.location))
         return "failed"
     registrations.finish(name, attempt, "ready", num_images=dataset.num_images)
     return "ready"

@@ -249,7 +249,7 @@ def register_dataset(self, name: str, attempt: str) -> str | None:
     Delivered again after a crash, it is harmless: ``add_dataset`` finds the dataset it wrote
     (same contents: nothing to do) or rewrites one left half-written.
     """
-    from labeler_service.registrations import run_registration
+    from labeler_service.registrations import describe, run_registration
 
     client, store, _ = services()
     heartbeat(client, self.request.hostname or "worker")
@@ -262,7 +262,8 @@ def register_dataset(self, name: str, attempt: str) -> str | None:
         if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
             raise
         with contextlib.suppress(redis.RedisError):
-            registrations.finish(name, attempt, "failed", f"{type(e).__name__}: {e}")
+            registrations.finish(name, attempt, "failed",
+                                 describe(e, settings.data_root, store.location))
         raise
 
 

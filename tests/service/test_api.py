@@ -24,11 +24,11 @@ from fastapi.testclient import TestClient
 
 from labeler_service.api.main import create_app
 from labeler_service.api.schemas import JobCreate
-from labeler_service.registrations import run_registration
+from labeler_service.registrations import describe, run_registration
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
 from labeler_service.tasks import REGISTRATION_QUEUE
-from storage import Store
+from storage import Store, StoreError
 from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
 
 # db 11 like the other service tests; another db when sessions share one Redis at the same time.
@@ -286,20 +286,22 @@ def test_checkpoint_symlink_out_of_the_checkpoint_root_is_400(registered: TestCl
 # -- paths the filesystem refuses: a client error, never a 500 ----------------------------------
 
 
-def assert_client_error(r: httpx.Response) -> None:
+def assert_client_error(r: httpx.Response, root: Path) -> None:
     assert r.status_code in (400, 404, 409, 422), r.text
     assert_problem(r, r.status_code)
+    assert str(root) not in r.text  # no server path in what clients see
 
 
 # A name longer than NAME_MAX (255): within the schema's max_length, but stat() says ENAMETOOLONG.
 @pytest.mark.parametrize("path", ["a" * 256, "toy/" + "b" * 300])
-def test_dataset_path_too_long_for_the_filesystem(client: TestClient, path: str):
-    assert_client_error(client.post("/v1/datasets", json={"name": "long", "path": path}))
+def test_dataset_path_too_long_for_the_filesystem(client: TestClient, root: Path, path: str):
+    assert_client_error(client.post("/v1/datasets", json={"name": "long", "path": path}), root)
 
 
 @pytest.mark.parametrize("path", ["a" * 256, "a" * 1000 + ".safetensors"])
-def test_checkpoint_path_too_long_for_the_filesystem(registered: TestClient, path: str):
-    assert_client_error(submit(registered, job_with(teacher={"checkpoint": path})))
+def test_checkpoint_path_too_long_for_the_filesystem(registered: TestClient, root: Path,
+                                                     path: str):
+    assert_client_error(submit(registered, job_with(teacher={"checkpoint": path})), root)
 
 
 def test_symlink_loop_in_the_data_root(client: TestClient, root: Path):
@@ -307,12 +309,13 @@ def test_symlink_loop_in_the_data_root(client: TestClient, root: Path):
     os.symlink("pong", root / "data" / "ping")
     os.symlink("ping", root / "data" / "pong")
     for path in ("loop", "ping", "loop/x"):
-        assert_client_error(client.post("/v1/datasets", json={"name": "loop", "path": path}))
+        assert_client_error(client.post("/v1/datasets", json={"name": "loop", "path": path}),
+                            root)
 
 
 def test_symlink_loop_in_the_checkpoint_root(registered: TestClient, root: Path):
     os.symlink("loop.pth", root / "checkpoints" / "loop.pth")
-    assert_client_error(submit(registered, job_with(teacher={"checkpoint": "loop.pth"})))
+    assert_client_error(submit(registered, job_with(teacher={"checkpoint": "loop.pth"})), root)
 
 
 def test_dangling_image_symlink_in_a_dataset_is_skipped(client: TestClient, root: Path):
@@ -839,3 +842,13 @@ def test_readyz_is_503_when_redis_is_unreachable(start, root: Path):
 def test_readyz_is_200_when_redis_and_store_answer(client: TestClient):
     r = client.get("/readyz")
     assert r.status_code == 200 and r.text == "ready"
+
+
+def test_a_failed_registration_names_no_server_path(tmp_path: Path):
+    data_root, store = tmp_path / "data", tmp_path / "store"
+    io_error = OSError(5, "Input/output error", str(data_root / "toy" / "a.jpg"))
+    assert describe(io_error, data_root, str(store)) == (
+        "OSError: [Errno 5] Input/output error: 'toy/a.jpg'")
+    store_error = StoreError(f"cannot write {store}/datasets/toy/manifest/path")
+    assert describe(store_error, data_root, str(store)) == (
+        "StoreError: cannot write <store>/datasets/toy/manifest/path")
