@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -73,12 +74,25 @@ class FileOutsideRoot(ValueError):
     """A file in the folder is a symlink to somewhere outside the permitted root."""
 
 
+def _is_regular_file(path: str) -> bool:
+    """Whether ``path`` (following symlinks) is a regular file. Unlike ``os.path.isfile``, an
+    error other than a dangling symlink raises: a file that cannot be looked at (EACCES, EIO,
+    ESTALE) must not silently drop out of a dataset."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return False  # dangling symlink
+        raise
+
+
 def list_image_files(root: Path, confine_to: Path | None = None,
                      progress: Progress | None = None) -> list[str]:
     """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths.
 
-    Dangling symlinks are not files and are skipped. With ``confine_to``, a file that resolves
-    (through a symlink) outside that directory is refused: the service reads only its data root.
+    Dangling symlinks are not files and are skipped; a file that cannot be looked at raises.
+    With ``confine_to``, a file that resolves (through a symlink) outside that directory is
+    refused: the service reads only its data root.
     A directory that cannot be listed (permissions, I/O error) raises its ``OSError``: skipping
     it would register a dataset silently missing its images. ``progress(0, None)`` is called
     once per directory listed.
@@ -98,7 +112,7 @@ def list_image_files(root: Path, confine_to: Path | None = None,
             if not is_image_path(name) or name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
-            if not os.path.isfile(full):  # a dangling symlink, a socket, ...
+            if not _is_regular_file(full):  # a dangling symlink, a socket, ...
                 continue
             rel = (name if rel_dir == "." else f"{rel_dir}/{name}").replace(os.sep, "/")
             if limit is not None and not Path(os.path.realpath(full)).is_relative_to(limit):

@@ -211,6 +211,26 @@ def test_an_unlistable_directory_is_an_error_not_a_smaller_dataset(store: Store,
     assert store.dataset_names() == []
 
 
+def test_a_file_that_cannot_be_looked_at_is_an_error_not_a_smaller_dataset(
+        store: Store, images: Path, monkeypatch):
+    """os.path.isfile says False for any error (EACCES on a path component, EIO, ESTALE on NFS):
+    the file would silently drop out. Only a dangling symlink is skipped."""
+    import os
+
+    real_stat = os.stat
+    victim = sorted((images / "squares").iterdir())[0]
+
+    def stat(path, *args, **kwargs):
+        if str(path) == str(victim):
+            raise OSError(5, "Input/output error", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.add_dataset("toy", images)
+    assert store.dataset_names() == []
+
+
 def test_refuses_foreign_and_newer_stores(tmp_path: Path):
     import zarr
 
