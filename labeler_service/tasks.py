@@ -9,8 +9,9 @@ one shard and never counts it twice.
 
 ``register_dataset`` scans an image folder and writes the dataset (``Store.add_dataset``, as
 ``labeler datasets add`` does in-process) for ``POST /v1/datasets``. It runs on its own queue,
-``registration``, so a scan of minutes never waits in line in front of shard tasks, nor shards
-in front of it; every ``labeler worker`` consumes both queues.
+``registration``, so a scan is not queued behind a job's shard tasks, nor they behind it;
+every ``labeler worker`` consumes both queues unless ``--queues`` says otherwise (a worker that
+scans labels nothing meanwhile).
 
 The prefork parent never touches CUDA: the teacher is loaded lazily in the child, once, and
 reused across tasks and jobs; so are the child's decoding processes, across a label set's shard
