@@ -86,6 +86,11 @@ end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 return 1
 """
+# Drop a name from the index if its record is gone (expired): checked and removed in one step,
+# so a registration created for that name meanwhile stays listed.
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+"""
 # Drop a registration this request created and could not queue (the broker refused the task).
 _DISCARD = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
@@ -142,6 +147,7 @@ class RegistrationStore:
         self._progress = client.register_script(_PROGRESS)
         self._finish = client.register_script(_FINISH)
         self._discard = client.register_script(_DISCARD)
+        self._forget = client.register_script(_FORGET)
 
     @staticmethod
     def key(name: str) -> str:
@@ -188,7 +194,7 @@ class RegistrationStore:
             if h.get("attempt"):
                 found.append(self.as_seen(Registration.from_hash(h)))
             else:
-                self.r.srem(self.INDEX, name)
+                self._forget(keys=[self.key(name), self.INDEX], args=[name])
         return found
 
     def progress(self, name: str, attempt: str, scanned: int, total: int | None,

@@ -852,3 +852,16 @@ def test_a_failed_registration_names_no_server_path(tmp_path: Path):
     store_error = StoreError(f"cannot write {store}/datasets/toy/manifest/path")
     assert describe(store_error, data_root, str(store)) == (
         "StoreError: cannot write <store>/datasets/toy/manifest/path")
+
+
+def test_the_list_forgets_expired_names_but_not_live_ones(client: TestClient,
+                                                          clean_redis: redis.Redis):
+    registrations = client.app.state.registrations
+    assert client.post("/v1/datasets", json=DATASET).status_code == 202
+    clean_redis.sadd(registrations.INDEX, "gone")  # its record expired
+    assert [d["name"] for d in client.get("/v1/datasets").json()["datasets"]] == ["toy"]
+    assert clean_redis.smembers(registrations.INDEX) == {"toy"}
+    # Forgetting is conditional in Redis itself: a name re-created after the list read its
+    # empty record is not dropped.
+    registrations._forget(keys=[registrations.key("toy"), registrations.INDEX], args=["toy"])
+    assert clean_redis.smembers(registrations.INDEX) == {"toy"}
