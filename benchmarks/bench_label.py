@@ -42,8 +42,6 @@ import io
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -208,8 +206,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    base = Path(tempfile.mkdtemp(prefix="bench_label-", dir=args.dir))
-    try:
+    with common.scratch_dir(args, "bench_label-") as base:
         t0 = time.perf_counter()
         images = base / "images"
         mean_bytes = make_imagenet_like(images, args.images, args.seed, args.jpeg_noise,
@@ -226,11 +223,6 @@ def run(args) -> dict:
             bare_s.append(bare.run())
             jobs.append(run_job(args, checkpoint, images, base / f"store-{r}"))
             shutil.rmtree(base / f"store-{r}", ignore_errors=True)
-    finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
 
     n = args.images
     bare_rate = n / statistics.median(bare_s)

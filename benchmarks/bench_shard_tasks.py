@@ -28,7 +28,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -85,10 +84,9 @@ def run(args) -> dict:
     device = torch.device(args.device)
     options = LabelingOptions(batch_size=args.batch_size, num_workers=args.workers,
                               device=args.device, shard_size=args.shard_size, progress=False)
-    base = Path(tempfile.mkdtemp(prefix="bench_shard_tasks-", dir=args.dir))
     seconds: dict[str, list[float]] = {name: [] for name in PASSES}
     labels: dict[str, dict[str, np.ndarray]] = {}
-    try:
+    with common.scratch_dir(args, "bench_shard_tasks-") as base:
         images = base / "images"
         mean_bytes = make_imagenet_like(images, args.images, args.seed, 32.0, 90)
         checkpoint = make_random_checkpoint(base / f"{args.model}.safetensors", model=args.model,
@@ -109,11 +107,6 @@ def run(args) -> dict:
                     block = labelset.read_block(0, labelset.num_images)
                     labels[name] = {a: getattr(block, a) for a in ARRAY_NAMES}
                 shutil.rmtree(store_dir, ignore_errors=True)
-    finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
 
     same = all(np.array_equal(labels[name][a], labels[PASSES[0]][a])
                for name in PASSES[1:] for a in ARRAY_NAMES)

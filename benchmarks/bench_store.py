@@ -52,7 +52,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -313,9 +312,8 @@ def run(args) -> dict:
     manifest = make_manifest(paths, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     random_ids = rng.integers(0, args.images, min(args.random_reads, args.images))
-    base = Path(tempfile.mkdtemp(prefix="bench_store-", dir=args.dir))
     results = []
-    try:
+    with common.scratch_dir(args, "bench_store-") as base:
         for kind in args.data:
             t0 = time.perf_counter()
             labels = make_labels(kind, args.images, args.topk, args.grid, args.num_classes,
@@ -338,11 +336,6 @@ def run(args) -> dict:
             results.append({"data": kind, "generate_s": gen_s, "label_stats": label_stats(labels),
                             "pt": pt, "store": stores})
             shutil.rmtree(work, ignore_errors=True)
-    finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
     return {
         "bench": "store",
         "config": {"images": args.images, "topk": args.topk, "grid": list(args.grid),

@@ -75,10 +75,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,16 +418,10 @@ def run(args) -> dict:
     ]
 
     loader = None
-    base = Path(tempfile.mkdtemp(prefix="bench_train-", dir=args.dir))
-    try:
+    with common.scratch_dir(args, "bench_train-") as base:
         if args.loader_images:
             print("loader: making and labeling the images ...", file=sys.stderr, flush=True)
             loader = time_loader(args, base, device, pool[0])
-    finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
 
     print("step timings ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,3 +40,16 @@ def add_scratch_args(p: argparse.ArgumentParser) -> None:
 def check_device(p: argparse.ArgumentParser, device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
+
+
+@contextlib.contextmanager
+def scratch_dir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """A fresh directory under ``--dir`` for a run's files, removed after it (``--keep``: kept)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=args.dir))
+    try:
+        yield base
+    finally:
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)

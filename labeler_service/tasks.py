@@ -120,7 +120,7 @@ def dataset_for(name: str):
 @lru_cache(maxsize=1)  # one set of decoding processes per worker process: the latest asked for
 def decoder_for(dataset_name: str, labelset_id: str, device: str):
     """The decoding processes for a label set's images, started at its first shard task and
-    kept for the next ones (starting them per task cost ~140 ms a shard on 2 CPU cores:
+    kept for the next ones (starting them per task cost ~120 ms a shard on 2 CPU cores:
     BENCHMARKS.md). Replacing it ends the previous one's processes."""
     import torch
 
