@@ -52,9 +52,26 @@ class TeacherSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # The backbone's autocast dtype (bf16, fp16 or fp32); the head is always float32.
     precision: str = "fp32"
+    # A dilated teacher (timm's ``output_stride``): a denser grid from the same input. None is
+    # the model's own stride; left out of the attrs then, so ids made before it stay the same.
+    output_stride: int | None = None
+
+    def grid_box(self, width: float, height: float) -> tuple[float, float, float, float]:
+        """The rectangle ``(x0, y0, span_x, span_y)`` of an image of ``width x height`` pixels
+        that the label grid covers: the whole image (``squash``) or its central square
+        (``center_crop``). Cell (i, j) of an ``h x w`` grid covers ``x in [x0 + j span_x / w,
+        x0 + (j + 1) span_x / w)`` and likewise in y."""
+        if self.resize == "squash":
+            return 0.0, 0.0, float(width), float(height)
+        if self.resize == "center_crop":
+            side = float(min(width, height))
+            return (width - side) / 2, (height - side) / 2, side, side
+        raise ValueError(f"unknown label geometry resize={self.resize!r}")
 
     def to_attrs(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["output_stride"] is None:
+            del d["output_stride"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -88,8 +105,20 @@ class LabelBlock:
     def stop(self) -> int:
         return self.start + len(self)
 
+    def top1_probability(self) -> np.ndarray:
+        """p(top-1) per cell, float32 [n, H, W]: ``exp(logit - lse)``, exact, where the logsumexp
+        is known; the softmax over the stored top-K where it is not (imported labels)."""
+        logits = self.logits.astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            exact = np.exp(logits[:, 0] - self.lse)
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            fallback = shifted[:, 0] / shifted.sum(axis=1)
+        return np.where(np.isfinite(self.lse), exact, fallback)
+
 
 ARRAY_NAMES = ("logits", "classes", "lse", "global_logits", "global_classes", "status")
+# Attrs added after labeling, by ``LabelSet.record_summary`` (see docs/store-format.md).
+SUMMARY_ATTRS = ("agreement", "label_quality")
 
 
 @dataclass(frozen=True)
@@ -232,6 +261,20 @@ class LabelSet:
             raise LabelSetMismatchError(
                 f"label set {self.id} exists with a different configuration; refusing to mix labels"
             )
+
+    # -- summaries --------------------------------------------------------------------------
+
+    def record_summary(self, name: str, value: dict[str, Any]) -> None:
+        """Add or replace a summary attr (``agreement``, ``label_quality``): figures computed
+        from finished labels, the only attrs written after creation. They describe the labels
+        and never change them, so they stay out of the id and the configuration check."""
+        if name not in SUMMARY_ATTRS:
+            raise ValueError(f"unknown label set summary {name!r}; known: {SUMMARY_ATTRS}")
+        # Re-read the attrs just before writing: another process may have added a summary since
+        # this label set was opened, and an update writes the whole attribute document.
+        fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+")
+        fresh.attrs.update({name: value})
+        self.attrs[name] = value
 
     # -- geometry ---------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 
 from labeler_service.sample import make_sample_images
 from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
+from storage.splits import held_out
 from trainer.data.stream import (
     FingerprintMismatch,
     StreamConfig,
     StreamPosition,
     TokenLabelStream,
-    held_out,
 )
 
 FAILED = {3, 10}

@@ -15,7 +15,6 @@ box on the device (``trainer.labels.roi_align_labels``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +27,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from labeler_service.images import to_rgb
 from storage import ImageStatus, LabelSet, Store, StoreError
+from storage.splits import held_out
 from trainer.labels import image_box_to_grid, sample_crop
 
 
 class FingerprintMismatch(StoreError):
     """The label set was made for other images than the dataset now lists."""
-
-
-def held_out(paths: np.ndarray, permille: int) -> np.ndarray:
-    """A stable split: image i is held out when sha256(path) mod 1000 < permille."""
-    digests = [int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in paths]
-    return np.asarray(digests, dtype=np.uint64) % np.uint64(1000) < np.uint64(permille)
 
 
 @dataclass
