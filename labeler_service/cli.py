@@ -22,14 +22,14 @@ store_option = click.option(
 
 def user_errors(fn):
     """Turn the errors a user can fix into a one-line message and exit status 1."""
-    from labeler_service.labeling import ClassCountMismatch
+    from labeler_service.labeling import LabelSpaceMismatch
     from labeler_service.teacher import TeacherError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (StoreError, TeacherError, ClassCountMismatch, ValueError, FileNotFoundError,
+        except (StoreError, TeacherError, LabelSpaceMismatch, ValueError, FileNotFoundError,
                 NotADirectoryError, PermissionError) as e:
             raise click.ClickException(str(e)) from None
         except KeyError as e:
@@ -76,7 +76,14 @@ def datasets_list(store_location: str) -> None:
         for labelset_id in dataset.labelset_ids():
             labelset = dataset.labelset(labelset_id)
             done = labelset.num_shards - len(labelset.pending_shards())
-            click.echo(f"  {labelset_id}\t{done}/{labelset.num_shards} shards")
+            agreement = labelset.attrs.get("agreement")
+            shown = ""
+            if agreement and agreement.get("top1") is not None:
+                shown = (f"\tagreement top-1 {100 * agreement['top1']:.1f} %, "
+                         f"top-{agreement['k']} {100 * agreement['top5']:.1f} %")
+            elif agreement:
+                shown = "\tagreement n/a"
+            click.echo(f"  {labelset_id}\t{done}/{labelset.num_shards} shards{shown}")
 
 
 # -- labeling ---------------------------------------------------------------------------------
@@ -92,6 +99,9 @@ def datasets_list(store_location: str) -> None:
 @click.option("--input-size", type=click.IntRange(32, 2048), required=True,
               help="The whole image is resized to this square size.")
 @click.option("--topk", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default=None,
+              help="Dilate the teacher to this stride for a denser grid (default: the "
+                   "checkpoint's from `labeler teacher fit`, else the model's own).")
 @store_option
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -116,7 +126,8 @@ def datasets_list(store_location: str) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
 def label(dataset: str, model: str, checkpoint: Path | None, random_weights: bool,
-          input_size: int, topk: int, store_location: str, device: str, batch_size: int,
+          input_size: int, topk: int, output_stride: str | None, store_location: str,
+          device: str, batch_size: int,
           workers: int | None, precision: str, shard_size: int, chunk_size: int | None, part: str,
           max_pixels: int | None, ignore_dataset_classes: bool, retry_failed: bool,
           progress: bool) -> None:
@@ -133,7 +144,8 @@ def label(dataset: str, model: str, checkpoint: Path | None, random_weights: boo
     store = Store.open(store_location)
     report = label_dataset(store, dataset, model, checkpoint, input_size, topk, options,
                            part=parse_part(part), ignore_dataset_classes=ignore_dataset_classes,
-                           retry_failed=retry_failed)
+                           retry_failed=retry_failed,
+                           output_stride=int(output_stride) if output_stride else None)
     echo_label_report(report, store, dataset)
     if report.images_failed and not report.images_labeled:
         raise click.ClickException("no image could be labeled: the job failed as a whole")
@@ -149,7 +161,136 @@ def echo_label_report(report: LabelingReport, store: Store, dataset: str) -> Non
         click.echo(f"  {count} x {status.description}")
     for path, reason in report.failures[:10]:
         click.echo(f"    {path}: {reason}")
+    if report.agreement is not None:
+        from labeler_service.quality import describe_agreement
+
+        click.echo(describe_agreement(report.agreement))
     click.echo(f"results: {store.location}/datasets/{dataset}/labels/{report.labelset_id}")
+
+
+# -- teachers ---------------------------------------------------------------------------------
+
+@main.group()
+def teacher() -> None:
+    """Fit a teacher to a dataset's own classes."""
+
+
+@teacher.command("fit")
+@click.argument("dataset")
+@click.option("--model", required=True,
+              help="timm model whose head is global average pool + linear, e.g. dm_nfnet_f0, "
+                   "test_nfnet.")
+@click.option("--input-size", type=click.IntRange(32, 2048), required=True,
+              help="Training input size (a multiple of the model's stride).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The teacher, .safetensors; its JSON report goes beside it (.json).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Local pretrained checkpoint of the same model: every weight but the head.")
+@click.option("--head-only", is_flag=True,
+              help="Fit only a new linear head on the checkpoint's frozen features (computed "
+                   "once).")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Default: 10 (the whole network), 100 (head only).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Peak AdamW learning rate (default: 2e-3; 2e-4 fine-tuning a checkpoint).")
+@click.option("--val-permille", type=click.IntRange(0, 999), default=100, show_default=True,
+              help="Images held out by path hash to measure the teacher, per mille.")
+@click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default=None,
+              help="Dilate the model to this stride (e.g. 16: a grid twice as dense at the same "
+                   "input size); recorded, so `labeler label` uses it too.")
+@click.option("--zoom-out", type=click.FloatRange(1.0, 4.0), default=1.0, show_default=True,
+              help="Also show half of the training crops shrunk by up to this factor (objects "
+                   "smaller than whole images show them).")
+@store_option
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Image decoding processes (default as for `labeler label`).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
+def teacher_fit_cmd(dataset: str, model: str, input_size: int, out: Path,
+                    checkpoint: Path | None, head_only: bool, epochs: int | None,
+                    batch_size: int, lr: float | None, val_permille: int,
+                    output_stride: str | None, zoom_out: float, store_location: str,
+                    device: str, workers: int | None, seed: int, progress: bool) -> None:
+    """Train MODEL on DATASET's ImageFolder classes; write a teacher `labeler label` takes."""
+    from labeler_service.teacher_fit import FitOptions, fit_teacher, report_path_for
+
+    options = FitOptions(input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                         val_permille=val_permille, device=device, workers=workers, seed=seed,
+                         output_stride=int(output_stride) if output_stride else None,
+                         zoom_out=zoom_out, progress=progress)
+    report = fit_teacher(Store.open(store_location), dataset, model, out, options,
+                         checkpoint=checkpoint, head_only=head_only)
+    echo_fit_report(report)
+    click.echo(f"teacher: {out} (report: {report_path_for(out)})")
+
+
+def echo_fit_report(report) -> None:
+    how = "head only" if report.head_only else ("fine-tuned" if report.backbone else
+                                                "from scratch")
+    click.echo(f"{report.model} ({how}) on {report.dataset}: {len(report.class_names)} classes, "
+               f"{report.train_images} training images, {report.images_failed} unreadable, "
+               f"{report.seconds:.1f} s")
+    if report.heldout_top1 is None:
+        click.echo("held-out: no image held out (raise --val-permille to measure the teacher)")
+    else:
+        click.echo(f"held-out top-1 {100 * report.heldout_top1:.1f} %, top-5 "
+                   f"{100 * report.heldout_top5:.1f} % ({report.heldout_images} images)")
+
+
+# -- label quality ----------------------------------------------------------------------------
+
+@main.command("evaluate-labels")
+@click.argument("labelset_id", metavar="LABELSET")
+@click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Folder of ground-truth masks mirroring the images "
+                                 "(docs/scenes-format.md); default: beside the images.")
+@click.option("--val-permille", type=click.IntRange(1, 999), default=None,
+              help="Also report the held-out split (default: the teacher's own, when `labeler "
+                   "teacher fit` fitted it on this dataset).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@store_option
+@user_errors
+def evaluate_labels_cmd(labelset_id: str, masks: Path | None, val_permille: int | None,
+                        as_json: bool, store_location: str) -> None:
+    """Score LABELSET's dense maps against per-pixel ground truth; record it in the label set."""
+    import json
+
+    from labeler_service.quality import describe_quality, evaluate_labels
+
+    store = Store.open(store_location)
+    labelset = store.labelset(labelset_id)
+    dataset = store.dataset(labelset.dataset)
+    result = evaluate_labels(dataset, labelset, masks or Path(dataset.source_root), val_permille)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for split in ("all", "held_out"):
+        if split in result:
+            click.echo(describe_quality(result, split))
+
+
+# -- samples ----------------------------------------------------------------------------------
+
+@main.group()
+def sample() -> None:
+    """Make sample datasets (nothing is downloaded)."""
+
+
+@sample.command("scenes")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--images", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def sample_scenes(directory: Path, images: int, seed: int) -> None:
+    """Synthetic scenes with per-pixel ground truth: an ImageFolder under DIRECTORY."""
+    from labeler_service.scenes import SCENE_CLASSES, make_scenes
+
+    make_scenes(directory, images=images, seed=seed)
+    click.echo(f"{images} scenes of {len(SCENE_CLASSES)} classes in {directory} (masks beside "
+               f"the images: docs/scenes-format.md)")
 
 
 # -- store ------------------------------------------------------------------------------------
@@ -267,25 +408,30 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
 
 @main.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("sample"), show_default=True,
-              help="Where to make the sample images and checkpoint.")
+              default=Path("demo"), show_default=True,
+              help="Where the scenes, the teacher, the panels and the student go.")
 @store_option
+@click.option("--images", type=click.IntRange(20), default=None,
+              help="Scenes to make (default: the quickstart's, 2000).")
+@click.option("--teacher-epochs", type=click.IntRange(1), default=None,
+              help="Default: the quickstart's (see BENCHMARKS.md).")
+@click.option("--student-epochs", type=click.IntRange(1), default=None)
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
-def demo(directory: Path, store_location: str) -> None:
-    """Make a small sample dataset and teacher, register and label it, show the results."""
-    from labeler_service.labeling import LabelingOptions, label_dataset
-    from labeler_service.sample import SAMPLE_CLASSES, make_random_checkpoint, make_sample_images
+def demo(directory: Path, store_location: str, images: int | None, teacher_epochs: int | None,
+         student_epochs: int | None, progress: bool) -> None:
+    """The quickstart: scenes with ground truth, a fitted teacher, labels scored against the
+    masks, picture panels, and an LV-ViT trained on the token labels (about 7 minutes on 2
+    CPU cores)."""
+    from dataclasses import replace
 
-    images = make_sample_images(directory / "images")
-    checkpoint = make_random_checkpoint(directory / "test_nfnet.safetensors",
-                                        num_classes=len(SAMPLE_CLASSES))
-    click.echo(f"sample images in {images}, random-weight test_nfnet teacher in {checkpoint}")
-    store = Store.open(store_location)
-    dataset, created = store.add_dataset("sample", images)
-    click.echo(f"sample: {'registered' if created else 'already registered'}: "
-               f"{dataset.num_images} images, {len(dataset.class_names)} classes")
-    options = LabelingOptions(batch_size=16, num_workers=2, shard_size=16, chunk_size=16)
-    report = label_dataset(store, "sample", "test_nfnet", checkpoint, 160, 3, options)
-    echo_label_report(report, store, "sample")
-    if not echo_verify_report(store):
-        raise SystemExit(1)
+    from labeler_service.demo import DemoConfig, run_demo
+
+    config = replace(DemoConfig(), progress=progress)
+    if images:
+        config = replace(config, images=images)
+    if teacher_epochs:
+        config = replace(config, teacher_epochs=teacher_epochs)
+    if student_epochs:
+        config = replace(config, student_epochs=student_epochs)
+    run_demo(directory, store_location, config, echo=click.echo)

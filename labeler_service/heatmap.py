@@ -1,5 +1,10 @@
-"""A picture of an image's dense labels, for a person: the top-1 class of every grid cell as a
-colour over the image, more opaque where the teacher is more confident, and a legend."""
+"""Pictures of an image's dense labels, for a person.
+
+* ``render_heatmap``: the top-1 class of every grid cell as a colour over the image, more opaque
+  where the teacher is more confident, and a legend (the API's ``heatmap.png``).
+* ``render_panel``: image | ground-truth mask | teacher top-1 map side by side, with the grid
+  drawn where the label set's geometry puts it (``labeler demo``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from labeler_service.images import to_rgb
-from storage import LabelBlock
+from storage import LabelBlock, TeacherSpec
 
 MAX_SIDE = 512
 LEGEND_ROWS = 5
@@ -22,16 +27,6 @@ def class_colour(class_id: int) -> tuple[int, int, int]:
     hue = (class_id * 0.618033988749895) % 1.0
     rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 255)).convert("RGB").getpixel((0, 0))
     return rgb
-
-
-def top1_confidence(block: LabelBlock) -> np.ndarray:
-    """p(top-1) per cell: exact from the logsumexp, or the top-K softmax when it is unknown."""
-    logits = block.logits[0].astype(np.float32)
-    lse = block.lse[0]
-    if np.isfinite(lse).all():
-        return np.exp(logits[0] - lse)
-    shifted = np.exp(logits - logits.max(axis=0))
-    return shifted[0] / shifted.sum(axis=0)
 
 
 def render_heatmap(image_path: str, block: LabelBlock, class_names: Sequence[str]) -> bytes:
@@ -46,7 +41,7 @@ def render_heatmap(image_path: str, block: LabelBlock, class_names: Sequence[str
     colours = np.array([palette[int(c)] for c in top1.ravel()], np.uint8)
     colour_map = Image.fromarray(colours.reshape(*top1.shape, 3)).resize(
         (width, height), Image.Resampling.NEAREST)
-    alpha = Image.fromarray((top1_confidence(block) * 0.7 * 255).astype(np.uint8)).resize(
+    alpha = Image.fromarray((block.top1_probability()[0] * 0.7 * 255).astype(np.uint8)).resize(
         (width, height), Image.Resampling.BILINEAR)
     overlay = Image.composite(colour_map, picture, alpha)
 
@@ -54,13 +49,89 @@ def render_heatmap(image_path: str, block: LabelBlock, class_names: Sequence[str
     shown = ids[np.argsort(-counts)][:LEGEND_ROWS]
     canvas = Image.new("RGB", (width, height + ROW_HEIGHT * len(shown) + 4), (255, 255, 255))
     canvas.paste(overlay, (0, 0))
+    entries = [(palette[int(c)], f"{class_name(class_names, int(c))} "
+                                 f"({100 * counts[ids == c][0] / top1.size:.0f}% of cells)")
+               for c in shown]
+    draw_legend(canvas, height + 2, entries)
+    return png_bytes(canvas)
+
+
+def class_name(class_names: Sequence[str], class_id: int) -> str:
+    return class_names[class_id] if 0 <= class_id < len(class_names) else f"class {class_id}"
+
+
+def draw_legend(canvas: Image.Image, top: int, entries: list[tuple[tuple, str]],
+                columns: int = 1) -> None:
+    """Colour swatches with their text, in rows of ``columns`` from ``top`` down."""
     draw = ImageDraw.Draw(canvas)
-    for row, class_id in enumerate(shown):
-        y = height + 2 + row * ROW_HEIGHT
-        draw.rectangle((4, y + 2, 16, y + ROW_HEIGHT - 2), fill=palette[int(class_id)])
-        name = class_names[class_id] if class_id < len(class_names) else f"class {class_id}"
-        share = 100 * counts[ids == class_id][0] / top1.size
-        draw.text((22, y + 2), f"{name} ({share:.0f}% of cells)", fill=(0, 0, 0))
+    column_width = canvas.width // columns
+    for k, (colour, text) in enumerate(entries):
+        x, y = 4 + (k % columns) * column_width, top + (k // columns) * ROW_HEIGHT
+        draw.rectangle((x, y + 2, x + 12, y + ROW_HEIGHT - 2), fill=colour)
+        draw.text((x + 18, y + 2), text, fill=(0, 0, 0))
+
+
+def png_bytes(img: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
+    img.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+BACKGROUND_COLOUR = (40, 40, 40)
+PANEL_HEIGHT = 256
+
+
+def render_panel(image_path: str, mask: np.ndarray, block: LabelBlock, teacher: TeacherSpec,
+                 title: str = "") -> bytes:
+    """``image | ground truth | teacher top-1``: the mask and the teacher's top-1 class map in
+    the same class colours (background dark grey), the label grid drawn over all three, a legend
+    of the classes present, and ``title`` above."""
+    with Image.open(image_path) as img:
+        picture = to_rgb(ImageOps.exif_transpose(img))
+    if picture.size != (mask.shape[1], mask.shape[0]):
+        raise ValueError(f"{image_path}: the mask is {mask.shape[1]}x{mask.shape[0]}, the image "
+                         f"{picture.width}x{picture.height}")
+    scale = PANEL_HEIGHT / picture.height
+    size = (max(1, round(picture.width * scale)), PANEL_HEIGHT)
+    picture = picture.resize(size, Image.Resampling.BICUBIC)
+
+    top1 = block.classes[0, 0].astype(np.int64)  # [h, w]
+    present = sorted(set(np.unique(mask[mask >= 0]).tolist()) | set(np.unique(top1).tolist()))
+    palette = np.array([class_colour(c) for c in range(max(present, default=0) + 1)], np.uint8)
+    truth = np.where(mask[..., None] >= 0, palette[np.maximum(mask, 0)], BACKGROUND_COLOUR)
+    truth = Image.fromarray(truth.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+
+    x0, y0, span_x, span_y = teacher.grid_box(mask.shape[1], mask.shape[0])  # image pixels
+    box = tuple(round(v * scale) for v in (x0, y0, x0 + span_x, y0 + span_y))
+    cells = Image.fromarray(palette[top1]).resize((box[2] - box[0], box[3] - box[1]),
+                                                  Image.Resampling.NEAREST)
+    teacher_map = picture.convert("L").convert("RGB")  # grey under the colours, for context
+    teacher_map.paste(Image.blend(teacher_map.crop(box), cells, 0.8), box[:2])
+
+    gap = 6
+    legend_rows = -(-len(present) // 3)
+    top = ROW_HEIGHT + 2 if title else 0
+    canvas = Image.new("RGB", (3 * size[0] + 2 * gap, top + PANEL_HEIGHT + 4
+                               + legend_rows * ROW_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0))
+    for k, tile in enumerate((picture, truth, teacher_map)):
+        x = k * (size[0] + gap)
+        canvas.paste(tile, (x, top))
+        grid_lines(draw, (x + box[0], top + box[1], x + box[2], top + box[3]), top1.shape)
+    draw_legend(canvas, top + PANEL_HEIGHT + 4,
+                [(tuple(int(v) for v in palette[c]), class_name(teacher.class_names, c))
+                 for c in present], columns=3)
+    return png_bytes(canvas)
+
+
+def grid_lines(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
+               grid: tuple[int, int]) -> None:
+    x1, y1, x2, y2 = box
+    for i in range(grid[0] + 1):
+        y = y1 + round(i * (y2 - y1) / grid[0])
+        draw.line((x1, y, x2, y), fill=(255, 255, 255), width=1)
+    for j in range(grid[1] + 1):
+        x = x1 + round(j * (x2 - x1) / grid[1])
+        draw.line((x, y1, x, y2), fill=(255, 255, 255), width=1)

@@ -72,12 +72,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int, interpolation: str = "bicubic",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
-    """Decode, orient, convert to RGB and resize the whole image to size x size (no crop).
-
-    Returns uint8 [size, size, 3]. Raises ImageRejected for anything that is not a usable image.
-    """
+def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image",
+             draft_size: int | None = None) -> Image.Image:
+    """Decode, orient and convert to RGB. ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8
+    scale for free while keeping both sides >= it. Raises ImageRejected for anything that is not
+    a usable image."""
     try:
         with warnings.catch_warnings():
             # We apply our own pixel limit below; Pillow's warning would only be noise.
@@ -88,16 +87,27 @@ def decode_image(data: bytes, size: int, interpolation: str = "bicubic",
                 raise ImageRejected(
                     ImageStatus.TOO_MANY_PIXELS,
                     f"{name}: {width}x{height} is over the {max_pixels} pixel limit")
-            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps both sides >= size.
-            img.draft("RGB", (size, size))
+            if draft_size is not None:
+                img.draft("RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
-            img = img.resize((size, size), resample=_RESAMPLE[interpolation])
+            return to_rgb(ImageOps.exif_transpose(img))
     except ImageRejected:
         raise
     except Image.DecompressionBombError as e:
         raise ImageRejected(ImageStatus.TOO_MANY_PIXELS, f"{name}: {e}") from None
+    except Exception as e:
+        raise ImageRejected(ImageStatus.UNREADABLE, f"{name}: {type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, size: int, interpolation: str = "bicubic",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
+    """Decode, orient, convert to RGB and resize the whole image to size x size (no crop).
+
+    Returns uint8 [size, size, 3]. Raises ImageRejected for anything that is not a usable image.
+    """
+    img = open_rgb(data, max_pixels, name, draft_size=size)
+    try:
+        img = img.resize((size, size), resample=_RESAMPLE[interpolation])
     except Exception as e:
         raise ImageRejected(ImageStatus.UNREADABLE, f"{name}: {type(e).__name__}: {e}") from None
     return np.asarray(img, dtype=np.uint8)

@@ -89,14 +89,14 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
             f"{FP16_EXACT_INTEGERS}; with {num_classes} classes the imported classes would be "
             "wrong. Regenerate these labels with `labeler label` instead.")
     dataset = store.dataset(dataset_name)
-    if not ignore_dataset_classes:
-        check_class_space(dataset, num_classes)
-    manifest = dataset.manifest()
-    label_dir = Path(label_dir)
-    topk, grid = probe_layout(label_dir, manifest.path)
     teacher = TeacherSpec(model=model, checkpoint_sha256=None, num_classes=num_classes,
                           input_size=input_size, class_names=imagenet_class_names(num_classes),
                           resize="center_crop")
+    if not ignore_dataset_classes:
+        check_class_space(dataset, teacher)
+    manifest = dataset.manifest()
+    label_dir = Path(label_dir)
+    topk, grid = probe_layout(label_dir, manifest.path)
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=teacher, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
         shard_size=shard_size, chunk_size=chunk_size,

@@ -29,26 +29,31 @@ TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 STATES = ACTIVE_STATES + TERMINAL_STATES
 
 # Record one finished shard, once: SADD makes a redelivered or repeated shard count nothing.
-# Returns -1 if the job is gone (Redis emptied), 0 if already counted, 1 if counted, 2 if it was
-# the last shard and the job has just succeeded.
+# Returns -1 if the job is gone (Redis emptied), 0 if already counted, 1 if counted, 2 if every
+# shard is counted and the job is still running: the caller completes it (measures the label
+# set, then succeeds). A repeated last shard answers 2 again, so a worker lost between the last
+# shard and completing the job leaves it to the redelivered task, not running for ever.
 _SHARD_DONE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'images_done', tonumber(ARGV[2]) + tonumber(ARGV[3]))
-redis.call('HINCRBY', KEYS[1], 'images_failed', tonumber(ARGV[3]))
-local done = redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+local added = redis.call('SADD', KEYS[2], ARGV[1])
+if added == 1 then
+  redis.call('HINCRBY', KEYS[1], 'images_done', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  redis.call('HINCRBY', KEYS[1], 'images_failed', tonumber(ARGV[3]))
+  redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+end
+local done = tonumber(redis.call('HGET', KEYS[1], 'shards_done') or '0')
 local total = tonumber(redis.call('HGET', KEYS[1], 'shards_total') or '-1')
-if done >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
-  redis.call('HSET', KEYS[1], 'state', 'succeeded', 'finished_at', ARGV[4])
+if total >= 0 and done >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
   return 2
 end
-return 1
+return added
 """
 # Move an active job to a terminal state; a job already finished keeps its state.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], 'error', ARGV[3])
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], 'error', ARGV[3],
+           'agreement', ARGV[4])
 return 1
 """
 
@@ -102,6 +107,7 @@ class Job:
     shards_total: int = 0
     shards_done: int = 0
     cancel_requested: bool = False
+    agreement: dict[str, Any] | None = None  # the label set's, once the job succeeded
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
@@ -116,6 +122,7 @@ class Job:
             **{k: int(h.get(k, 0)) for k in ("images_total", "images_done", "images_failed",
                                              "shards_total", "shards_done")},
             cancel_requested=h.get("cancel") == "1",
+            agreement=json.loads(h["agreement"]) if h.get("agreement") else None,
         )
 
     @property
@@ -168,8 +175,8 @@ class JobStore:
         return job
 
     def start_from_store(self, job_id: str, labelset: LabelSet) -> list[int]:
-        """Count what the store already holds for this job's label set, run or finish it, and
-        return the shards still to label."""
+        """Count what the store already holds for this job's label set, mark the job running,
+        and return the shards still to label (none: the caller completes the job)."""
         progress = progress_in_store(labelset)
         self.start(job_id, labelset.id, **progress)
         done = set(progress["shards_done"])
@@ -217,7 +224,8 @@ class JobStore:
         """Planned: the label set is known and the shards already done in the store are counted."""
         self._set_progress(job_id, labelset, images_total, shards_total, images_done,
                            images_failed, shards_done, started_at=now())
-        self._finish_or_run(job_id, done=len(shards_done) >= shards_total)
+        self.r.eval("if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
+                    "redis.call('HSET', KEYS[1], 'state', 'running') end", 1, self.key(job_id))
         self._update_record(job_id, labelset=labelset)
 
     def _set_progress(self, job_id: str, labelset: str, images_total: int, shards_total: int,
@@ -233,31 +241,25 @@ class JobStore:
             "shards_done": len(shards_done), **extra})
         pipe.execute()
 
-    def _finish_or_run(self, job_id: str, done: bool) -> None:
-        if done:
-            self.finish(job_id, "succeeded")
-        else:
-            self.r.eval("if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
-                        "redis.call('HSET', KEYS[1], 'state', 'running') end", 1,
-                        self.key(job_id))
-
-    def shard_done(self, job_id: str, shard: int, labeled: int, failed: int) -> None:
+    def shard_done(self, job_id: str, shard: int, labeled: int, failed: int) -> bool:
+        """Count a finished shard once; True when every shard is done and the job is still
+        running, i.e. the caller should complete it (``finish(..., "succeeded", agreement)``)."""
         result = self._shard_done(keys=[self.key(job_id), self.done_key(job_id)],
-                                  args=[shard, labeled, failed, now()])
-        if result == 2:
-            self._finished(job_id, "succeeded")
+                                  args=[shard, labeled, failed])
+        return result == 2
 
-    def finish(self, job_id: str, state: str, error: str = "") -> bool:
-        """Move an active job to ``state``; False if it had already finished."""
-        if not self._finish(keys=[self.key(job_id)], args=[state, now(), error]):
+    def finish(self, job_id: str, state: str, error: str = "",
+               agreement: dict[str, Any] | None = None) -> bool:
+        """Move an active job to ``state`` (with its label set's agreement when it succeeded);
+        False if it had already finished."""
+        encoded = json.dumps(agreement) if agreement is not None else ""
+        if not self._finish(keys=[self.key(job_id)], args=[state, now(), error, encoded]):
             return False
-        self._finished(job_id, state, error)
-        return True
-
-    def _finished(self, job_id: str, state: str, error: str = "") -> None:
         self.r.expire(self.key(job_id), self.ttl)
         self.r.expire(self.done_key(job_id), self.ttl)
-        self._update_record(job_id, state=state, error=error, finished_at=now())
+        self._update_record(job_id, state=state, error=error, finished_at=now(),
+                            agreement=agreement)
+        return True
 
     def request_cancel(self, job_id: str) -> Job | None:
         if not self.r.exists(self.key(job_id)) and self.get(job_id) is None:
@@ -296,11 +298,13 @@ class JobStore:
         job = Job(id=job_id, dataset=attrs["dataset"], request=attrs["request"],
                   state="queued" if state == "active" else state,
                   created_at=attrs["created_at"], finished_at=attrs.get("finished_at"),
-                  labelset=attrs.get("labelset"), error=attrs.get("error") or None)
+                  labelset=attrs.get("labelset"), error=attrs.get("error") or None,
+                  agreement=attrs.get("agreement"))
         mapping = {"id": job.id, "dataset": job.dataset,
                    "request": json.dumps(job.request, sort_keys=True), "state": job.state,
                    "created_at": job.created_at, "labelset": job.labelset or "",
-                   "error": job.error or "", "finished_at": job.finished_at or ""}
+                   "error": job.error or "", "finished_at": job.finished_at or "",
+                   "agreement": json.dumps(job.agreement) if job.agreement else ""}
         # HSETNX on the id: two recoverers racing create one record and plan once.
         if not self.r.hsetnx(self.key(job_id), "id", job_id):
             return Job.from_hash(self.r.hgetall(self.key(job_id)))

@@ -29,9 +29,17 @@ from labeler_service.images import (
     decode_image,
     read_image_bytes,
 )
-from labeler_service.teacher import DenseTeacher, build_teacher
+from labeler_service.teacher import DenseTeacher, build_teacher, fit_summary, label_space_problem
 from storage import Dataset as StoreDataset
-from storage import ImageStatus, LabelBlock, LabelSet, LabelSetConfig, Store, class_dtype
+from storage import (
+    ImageStatus,
+    LabelBlock,
+    LabelSet,
+    LabelSetConfig,
+    Store,
+    TeacherSpec,
+    class_dtype,
+)
 from storage.labelset import DEFAULT_SHARD_SIZE
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -40,8 +48,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 LABEL_ARRAYS = ("logits", "classes", "lse", "global_logits", "global_classes")
 
 
-class ClassCountMismatch(ValueError):
-    """The teacher's classes and the dataset's classes cannot be the same label space."""
+class LabelSpaceMismatch(ValueError):
+    """The teacher's classes and the dataset's classes are not the same label space."""
 
 
 @dataclass
@@ -67,6 +75,7 @@ class LabelingReport:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
     seconds: float = 0.0
     stopped: bool = False
+    agreement: dict | None = None  # once the label set is complete: see quality.py
 
     @property
     def images_done(self) -> int:
@@ -140,6 +149,16 @@ def shard_batches(labelset: LabelSet, shards: Sequence[int], batch_size: int) ->
     return batches
 
 
+def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] on the host -> normalised float [B, 3, H, W] on ``device`` (channels
+    last on CUDA). ``mean``/``std`` are [1, 3, 1, 1] on the device, in 0..255 units: the copy
+    moves uint8, a quarter of the float bytes, and the arithmetic runs on the device."""
+    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return ((x - mean) / std).contiguous(
+        memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+
+
 class TeacherRunner:
     """Normalises uint8 batches on the device and runs the teacher under autocast."""
 
@@ -158,9 +177,7 @@ class TeacherRunner:
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor):
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = ((x - self.mean) / self.std).contiguous(
-            memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        x = to_model_input(pixels, self.mean, self.std, self.device)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
@@ -315,15 +332,14 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
     return report
 
 
-def check_class_space(dataset: StoreDataset, num_classes: int) -> None:
-    """Refuse labels whose class count differs from the dataset's ImageFolder classes."""
-    if dataset.class_names and len(dataset.class_names) != num_classes:
-        raise ClassCountMismatch(
-            f"dataset {dataset.name!r} has {len(dataset.class_names)} classes (its image folders) "
-            f"but the teacher has {num_classes} outputs, so its labels would be in another label "
-            f"space than the dataset's classes. Use a teacher trained on these "
-            f"{len(dataset.class_names)} classes, or pass --ignore-dataset-classes if the "
-            "teacher's classes are what you want.")
+def check_class_space(dataset: StoreDataset, teacher: TeacherSpec) -> None:
+    """Refuse labels that would be in another label space than the dataset's classes."""
+    problem = label_space_problem(dataset, teacher)
+    if problem is not None:
+        raise LabelSpaceMismatch(
+            f"{problem}, so its labels would be in another label space than the dataset's "
+            f"classes. Use a teacher trained on these classes (`labeler teacher fit`), or pass "
+            "--ignore-dataset-classes if the teacher's classes are what you want.")
 
 
 def parse_part(part: str) -> tuple[int, int]:
@@ -341,7 +357,8 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
                   input_size: int, topk: int, options: LabelingOptions,
                   part: tuple[int, int] = (0, 1), ignore_dataset_classes: bool = False,
                   class_names: tuple[str, ...] | None = None,
-                  retry_failed: bool = False) -> LabelingReport:
+                  retry_failed: bool = False,
+                  output_stride: int | None = None) -> LabelingReport:
     """The whole job in one process: create (or reopen) the label set and label what is missing."""
     dataset = store.dataset(dataset_name)
     if not Path(dataset.source_root).is_dir():
@@ -351,15 +368,33 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
     device = torch.device(options.device)
     precision = options.precision if device.type == "cuda" else "fp32"
     teacher, spec, grid = build_teacher(model, checkpoint, input_size, device, class_names,
-                                        precision)
+                                        precision, output_stride)
     if not ignore_dataset_classes:
-        check_class_space(dataset, spec.num_classes)
-    labelset = dataset.create_labelset(LabelSetConfig(
-        teacher=spec, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
-        shard_size=options.shard_size, chunk_size=options.chunk_size))
+        check_class_space(dataset, spec)
+    labelset = dataset.create_labelset(labelset_config(dataset, spec, topk, grid, checkpoint,
+                                                       options.shard_size, options.chunk_size))
     index, count = part
     todo = [s for s in labelset.pending_shards(retry_failed=retry_failed) if s % count == index]
     mine = [s for s in range(labelset.num_shards) if s % count == index]
     report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
     runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision)
-    return label_shards(labelset, dataset, runner, todo, options, report=report)
+    report = label_shards(labelset, dataset, runner, todo, options, report=report)
+    report.agreement = labelset.attrs.get("agreement")
+    # Measured when this run completed the label set (a rerun with nothing to do writes nothing).
+    if (report.shards_written or report.agreement is None) and not report.stopped \
+            and labelset.is_complete():
+        from labeler_service.quality import record_agreement
+
+        report.agreement = record_agreement(dataset, labelset)
+    return report
+
+
+def labelset_config(dataset: StoreDataset, spec: TeacherSpec, topk: int, grid: tuple[int, int],
+                    checkpoint: Path | None, shard_size: int,
+                    chunk_size: int | None = None) -> LabelSetConfig:
+    """The label set a teacher makes of a dataset; a fitted teacher's fit is recorded with it
+    (``teacher_fit``), so its held-out split can be told from the images it trained on."""
+    fit = fit_summary(checkpoint)
+    return LabelSetConfig(teacher=spec, topk=topk, grid=grid,
+                          dataset_fingerprint=dataset.fingerprint, shard_size=shard_size,
+                          chunk_size=chunk_size, extra={"teacher_fit": fit} if fit else {})

@@ -164,9 +164,9 @@ def enqueue_plan(job_id: str) -> None:
           retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
     from labeler_service.jobs import resolved_labelset_key
-    from labeler_service.labeling import check_class_space
+    from labeler_service.labeling import check_class_space, labelset_config
     from labeler_service.teacher import TeacherError
-    from storage import LabelSetConfig, StoreError
+    from storage import StoreError
 
     client, _, jobs = services()
     heartbeat(client, self.request.hostname or "worker")
@@ -180,18 +180,29 @@ def plan_job(self, job_id: str) -> None:
                                     str(resolve_checkpoint(request["teacher"]["checkpoint"])),
                                     request["teacher"]["input_size"], request["topk"])
         if not request.get("ignore_dataset_classes"):
-            check_class_space(dataset, spec.num_classes)
-        labelset = dataset.create_labelset(LabelSetConfig(
-            teacher=spec, topk=request["topk"], grid=grid,
-            dataset_fingerprint=dataset.fingerprint, shard_size=get_settings().shard_size))
+            check_class_space(dataset, spec)
+        labelset = dataset.create_labelset(labelset_config(
+            dataset, spec, request["topk"], grid,
+            resolve_checkpoint(request["teacher"]["checkpoint"]), get_settings().shard_size))
     except (TeacherError, StoreError, KeyError, ValueError, FileNotFoundError) as e:
         jobs.finish(job_id, "failed", f"{type(e).__name__}: {e}")
         return
     checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
     client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
                ex=get_settings().job_ttl_seconds)
-    for shard in jobs.start_from_store(job_id, labelset):
+    todo = jobs.start_from_store(job_id, labelset)
+    if not todo:
+        complete_job(jobs, job_id, dataset, labelset)
+    for shard in todo:
         label_shard.apply_async(args=(job_id, shard), task_id=f"{job_id}:shard:{shard}")
+
+
+def complete_job(jobs, job_id: str, dataset, labelset) -> None:
+    """Every shard is written: measure the label set's agreement, record it, then succeed (in
+    that order, so a job reads succeeded only with its figures)."""
+    from labeler_service.quality import record_agreement
+
+    jobs.finish(job_id, "succeeded", agreement=record_agreement(dataset, labelset))
 
 
 @app.task(bind=True, name="labeler.label_shard", autoretry_for=TRANSIENT, retry_backoff=True,
@@ -234,8 +245,9 @@ def label_shard(self, job_id: str, shard: int) -> None:
         stats.hincrby(STATS, "images_labeled", report.images_labeled)
         stats.execute()
         status = labelset.array("status")[start:stop]
-    jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
-                    int((status > 0).sum()))
+    if jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
+                       int((status > 0).sum())):
+        complete_job(jobs, job_id, dataset_for(job.dataset), labelset)
 
 
 def enqueue_registration(name: str, attempt: str) -> None:

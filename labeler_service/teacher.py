@@ -10,21 +10,29 @@ silently mislabeled.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from timm.data import ImageNetInfo
 from torch import nn
 
-from storage import TeacherSpec
+from storage import Dataset, TeacherSpec
 
 # The NFNet family the project defaults to; any timm model with an avg-pool + linear head works.
 NFNET_MODELS = ("dm_nfnet_f0", "dm_nfnet_f1", "dm_nfnet_f2", "dm_nfnet_f3", "dm_nfnet_f4",
                 "dm_nfnet_f5", "dm_nfnet_f6", "nfnet_l0", "eca_nfnet_l0", "eca_nfnet_l1",
                 "eca_nfnet_l2", "test_nfnet")
+
+
+# The metadata ``labeler teacher fit`` writes into its .safetensors checkpoints.
+FITTED_FORMAT = "tokenlabel-teacher"
+FITTED_FORMAT_VERSION = 1
 
 
 class TeacherError(ValueError):
@@ -57,6 +65,44 @@ def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     # timm's loader handles safetensors, {'state_dict': ...}/{'model': ...} wrappers and the
     # 'module.' prefix of DDP checkpoints, and loads with weights_only=True.
     return timm.models.load_state_dict(str(checkpoint))
+
+
+def fitted_metadata(checkpoint: Path) -> dict[str, Any] | None:
+    """What ``labeler teacher fit`` recorded in a checkpoint (model, class names, held-out
+    accuracy, the dataset and split it was fitted on), or None for any other checkpoint.
+
+    safetensors metadata is a flat str -> str map: values are stored as JSON and decoded here.
+    """
+    if Path(checkpoint).suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(checkpoint), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise TeacherError(f"checkpoint {checkpoint} is not a readable safetensors file: "
+                           f"{e}") from None
+    if raw.get("format") != FITTED_FORMAT:
+        return None
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    except json.JSONDecodeError as e:
+        raise TeacherError(f"checkpoint {checkpoint}: unreadable teacher metadata ({e})") from None
+    if meta.get("format_version") != FITTED_FORMAT_VERSION:
+        raise TeacherError(f"checkpoint {checkpoint} has teacher metadata version "
+                           f"{meta.get('format_version')}; this code reads version "
+                           f"{FITTED_FORMAT_VERSION}")
+    return meta
+
+
+def fit_summary(checkpoint: Path | None) -> dict[str, Any] | None:
+    """What a label set records of its teacher's fit (its ``teacher_fit`` attr): the dataset
+    and held-out split it was fitted on and its held-out accuracy; None for other teachers."""
+    meta = fitted_metadata(Path(checkpoint)) if checkpoint is not None else None
+    if meta is None:
+        return None
+    keys = ("dataset", "dataset_fingerprint", "val_permille", "train_images", "heldout_images",
+            "heldout_top1", "heldout_top5", "head_only", "input_size", "created_at")
+    return {k: meta.get(k) for k in keys}
 
 
 class DenseTeacher(nn.Module):
@@ -104,13 +150,22 @@ class DenseTeacher(nn.Module):
         param = next(self.model.parameters())
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, 3, input_size, input_size, generator=gen).to(param.device, param.dtype)
+        name = type(self.model).__name__
+        try:
+            features = self.forward_features(x)
+            expected = self.model(x).float()
+        except Exception as e:  # a model that cannot take this input at all
+            raise TeacherError(f"{name} cannot run at input size {input_size}: "
+                               f"{type(e).__name__}: {e}") from None
+        if features.ndim != 4:
+            raise TeacherError(f"{name}: its features are {features.ndim}-D, not a [B, C, H, W] "
+                               "map; its head is not global average pool + linear")
         dense = self(x)
-        expected = self.model(x).float()
         error = (dense.mean(dim=(2, 3)) - expected).abs().max().item()
         scale = max(1.0, expected.abs().max().item())
         if error > atol * scale:
             raise TeacherError(
-                f"{type(self.model).__name__}: the mean of the dense logits differs from the "
+                f"{name}: the mean of the dense logits differs from the "
                 f"model's output by {error:.3g}; its head is not global average pool + linear")
         return int(dense.shape[2]), int(dense.shape[3])
 
@@ -122,20 +177,36 @@ def imagenet_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple(info.index_to_description(i) for i in range(num_classes))
 
 
+def imagenet_synsets() -> tuple[str, ...]:
+    """The WordNet ids (n01440764, ...) an ImageNet-1k train folder is named by, in class order."""
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
 def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
                   device: str | torch.device = "cpu",
                   class_names: tuple[str, ...] | None = None,
-                  precision: str = "fp32") -> tuple[DenseTeacher, TeacherSpec, tuple[int, int]]:
+                  precision: str = "fp32", output_stride: int | None = None,
+                  ) -> tuple[DenseTeacher, TeacherSpec, tuple[int, int]]:
     """Create the timm model, load the local checkpoint, check it, and describe it.
 
     ``num_classes`` comes from the checkpoint's classifier. Without a checkpoint the weights are
     random (for tests and speed measurements). ``precision`` is the backbone's autocast dtype,
-    recorded in the spec because it changes the labels. Returns (teacher, spec, grid).
+    recorded in the spec because it changes the labels. A checkpoint from ``labeler teacher fit``
+    brings its class names (unless ``class_names`` is given) and its output stride (unless
+    ``output_stride`` is given), and must be for ``model_name``. ``output_stride`` dilates the
+    model's last stages (timm's option) for a denser grid. Returns (teacher, spec, grid).
     """
     if model_name not in timm.list_models():
         raise TeacherError(f"unknown timm model {model_name!r}")
     num_classes, state, sha256 = 1000, None, None
     if checkpoint is not None:
+        fitted = fitted_metadata(Path(checkpoint))
+        if fitted is not None:
+            if fitted["model"] != model_name:
+                raise TeacherError(f"checkpoint {checkpoint} is a fitted {fitted['model']}, not "
+                                   f"a {model_name}: pass --model {fitted['model']}")
+            class_names = class_names or tuple(fitted["class_names"])
+            output_stride = output_stride or fitted.get("output_stride")
         state = load_state_dict(Path(checkpoint))
         cfg_classifier = timm.models.get_pretrained_cfg(model_name)
         head = (cfg_classifier.classifier if cfg_classifier else None) or "head.fc"
@@ -145,7 +216,7 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
                                "state dict?")
         num_classes = int(state[key].shape[0])
         sha256 = file_sha256(Path(checkpoint))
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    model = create_dense_model(model_name, num_classes, output_stride)
     if state is not None:
         try:
             model.load_state_dict(state, strict=True)
@@ -155,6 +226,9 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
     if input_size % stride:
         raise TeacherError(f"--input-size {input_size} is not a multiple of {model_name}'s "
                            f"stride {stride}: the label grid would not tile the image exactly")
+    if class_names and len(class_names) != num_classes:
+        raise TeacherError(f"{len(class_names)} class names for a teacher with {num_classes} "
+                           "outputs")
     model.eval().to(device)
     teacher = DenseTeacher(model).eval()
     grid = teacher.check_dense_invariant(input_size)
@@ -171,5 +245,41 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
         mean=tuple(float(v) for v in data_cfg["mean"]),
         std=tuple(float(v) for v in data_cfg["std"]),
         precision=precision,
+        output_stride=output_stride,
     )
     return teacher, spec, grid
+
+
+def create_dense_model(model_name: str, num_classes: int,
+                       output_stride: int | None = None) -> nn.Module:
+    """The timm model, random weights, dilated to ``output_stride`` when one is given."""
+    kwargs = {} if output_stride is None else {"output_stride": output_stride}
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise TeacherError(f"{model_name} cannot run at output stride {output_stride}: "
+                           f"{e}") from None
+
+
+def label_space_problem(dataset: Dataset, teacher: TeacherSpec) -> str | None:
+    """Why the teacher's outputs are not the dataset's ImageFolder classes, or None when they are
+    the same label space (or the dataset has no classes to compare with).
+
+    Names decide when both sides have them (an ImageNet-1k teacher's descriptions match the
+    WordNet ids its train folders are named by); otherwise the counts must agree.
+    """
+    ours = dataset.class_names
+    if not ours:
+        return None
+    if len(ours) != teacher.num_classes:
+        return (f"dataset {dataset.name!r} has {len(ours)} classes (its image folders) but the "
+                f"teacher has {teacher.num_classes} outputs")
+    theirs = teacher.class_names
+    if not theirs or tuple(theirs) == tuple(ours):
+        return None
+    if len(ours) == 1000 and tuple(theirs) == imagenet_class_names(1000) \
+            and tuple(ours) == imagenet_synsets():
+        return None
+    differ = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    return (f"dataset {dataset.name!r} and the teacher name their classes differently (class "
+            f"{differ} is {ours[differ]!r} in the dataset, {theirs[differ]!r} for the teacher)")

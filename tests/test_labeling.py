@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from labeler_service.images import decode_image
-from labeler_service.labeling import ClassCountMismatch, LabelingOptions, label_dataset
+from labeler_service.labeling import LabelingOptions, LabelSpaceMismatch, label_dataset
 from labeler_service.sample import make_random_checkpoint, make_sample_images
 from labeler_service.teacher import build_teacher
 from storage import ARRAY_NAMES, ImageStatus, Store
@@ -143,7 +143,7 @@ def test_killed_run_resumed_equals_clean_run(tmp_path: Path, checkpoint: Path):
 def test_class_count_mismatch_is_refused(store: Store, images: Path, tmp_path: Path):
     five = make_random_checkpoint(tmp_path / "five.safetensors", num_classes=5)
     store.add_dataset("toy", images)
-    with pytest.raises(ClassCountMismatch, match=r"has 3 classes .* teacher has 5 outputs"):
+    with pytest.raises(LabelSpaceMismatch, match=r"has 3 classes .* teacher has 5 outputs"):
         label_dataset(store, "toy", "test_nfnet", five, 64, 2, OPTIONS)
     assert store.dataset("toy").labelset_ids() == []  # nothing was created
     report = label_dataset(store, "toy", "test_nfnet", five, 64, 2, OPTIONS,

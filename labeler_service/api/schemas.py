@@ -77,6 +77,18 @@ class Progress(BaseModel):
     shards_total: int
 
 
+class Agreement(BaseModel):
+    """How often the teacher's image-level top-1 / top-k contain each image's folder class, over
+    the labeled images with a known class. Null figures, with a reason, where it cannot be
+    measured (the teacher's classes are not the dataset's, no classes, imported labels)."""
+
+    images: int
+    top1: float | None
+    top5: float | None = Field(description="Share whose top-k contains the class.")
+    k: int | None = Field(description="min(5, the label set's top-K).")
+    reason: str | None = None
+
+
 class JobOut(BaseModel):
     id: str
     state: str = Field(description="queued, running, succeeded, failed or cancelled")
@@ -88,6 +100,8 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    agreement: Agreement | None = Field(
+        None, description="The label set's teacher agreement, once the job succeeded.")
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -97,7 +111,7 @@ class JobOut(BaseModel):
         return cls(
             id=job.id, state=job.state, labelset=job.labelset, dataset=job.dataset,
             request=job.request, created_at=when(job.created_at), started_at=when(job.started_at),
-            finished_at=when(job.finished_at), error=job.error,
+            finished_at=when(job.finished_at), error=job.error, agreement=job.agreement,
             progress=Progress(images_done=job.images_done, images_total=job.images_total,
                               images_failed=job.images_failed, shards_done=job.shards_done,
                               shards_total=job.shards_total))
@@ -115,6 +129,10 @@ class LabelSetOut(BaseModel):
     num_shards: int
     shards_done: int
     complete: bool
+    agreement: Agreement | None = Field(description="Recorded when the label set completed.")
+    label_quality: dict[str, Any] | None = Field(
+        description="Dense quality against ground-truth masks, when `labeler evaluate-labels` "
+                    "measured it (docs/store-format.md).")
     attrs: dict[str, Any]
 
 

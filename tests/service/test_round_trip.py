@@ -44,6 +44,11 @@ def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_p
 
         info = client.get(f"/v1/labelsets/{labelset_id}").json()
         assert info["complete"] and info["attrs"]["teacher"]["model"] == "test_nfnet"
+        # The job that wrote the last shard measured the teacher against the folder classes
+        # before it succeeded; the job and the label set show the same figures.
+        agreement = info["agreement"]
+        assert agreement["images"] == 12 and agreement["k"] == 2 and agreement["reason"] is None
+        assert done["agreement"] == agreement and info["label_quality"] is None
 
         image = client.get(f"/v1/labelsets/{labelset_id}/images/5").json()
         assert image["status"] == 0 and image["grid"] == [2, 2] and image["topk"] == 2
@@ -70,6 +75,7 @@ def test_register_submit_poll_fetch_equals_labeler_label(cluster: Cluster, tmp_p
     expected = local.labelset(labelset_id).read_block(0, 12)
     for name in ARRAY_NAMES:
         np.testing.assert_array_equal(getattr(served, name), getattr(expected, name), name)
+    assert report.agreement == agreement
 
 
 def test_a_job_whose_labelset_is_complete_succeeds_at_once(cluster: Cluster):
@@ -84,3 +90,4 @@ def test_a_job_whose_labelset_is_complete_succeeds_at_once(cluster: Cluster):
         assert r.status_code == 202 and again["id"] != first["id"]
         assert again["state"] == "succeeded" and again["labelset"] == first["labelset"]
         assert again["progress"]["images_done"] == 12 and "retry-after" not in r.headers
+        assert again["agreement"] == first["agreement"] and first["agreement"]["images"] == 12

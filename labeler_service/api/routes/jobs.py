@@ -124,6 +124,7 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
     done = complete_labelset(client, store, body.dataset, request, checkpoint)
     if done is not None:  # nothing to label: the job succeeds at once
         jobs.start_from_store(job.id, done)
+        jobs.finish(job.id, "succeeded", agreement=done.attrs.get("agreement"))
         job = jobs.get(job.id)
     else:
         enqueue_plan(job.id)

@@ -47,7 +47,8 @@ def get_labelset(labelset_id: LabelSetId, store: StoreDep) -> LabelSetOut:
     return LabelSetOut(id=labelset.id, dataset=labelset.dataset,
                        num_images=labelset.num_images, num_shards=labelset.num_shards,
                        shards_done=labelset.num_shards - len(pending), complete=not pending,
-                       attrs=labelset.attrs)
+                       agreement=labelset.attrs.get("agreement"),
+                       label_quality=labelset.attrs.get("label_quality"), attrs=labelset.attrs)
 
 
 @router.get("/{labelset_id}/images/{index}", response_model=ImageLabels,
