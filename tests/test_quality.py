@@ -124,10 +124,11 @@ def test_positive_controls(scenes):
     assert perfect["all"]["main_top1"] == perfect["all"]["distractor_top1"] == 1.0
     assert perfect["all"]["miou"] == 1.0 and perfect["held_out"]["images"] < 40
     assert perfect["all"]["reliability"]["bins"][-1]["accuracy"] == 1.0
-    # The public code's box-order bug mirrors maps across the diagonal: caught.
+    # The public code's box-order bug mirrors maps across the diagonal: caught. (Not 0: a main
+    # object near the centre overlaps its own mirror image, and so do some distractors.)
     transposed = evaluate_labels(dataset, store.labelset(
         oracle_labelset(store, images, "transposed", lambda t: t.T)), images)
-    assert transposed["all"]["main_top1"] < 0.8 and transposed["all"]["distractor_top1"] < 0.3
+    assert transposed["all"]["main_top1"] < 0.7 and transposed["all"]["distractor_top1"] < 0.45
     # A teacher in another label space (classes permuted) is wrong everywhere, and its
     # image-level agreement says so.
     shifted = store.labelset(oracle_labelset(store, images, "shifted", lambda t: (t + 3) % 10))
