@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quickstart: install, make a small sample image folder, register it, label it into ./store.
+# Quickstart: install, then `labeler demo`: scenes with ground truth, a fitted teacher, labels
+# scored against the masks, picture panels and a small LV-ViT trained on the token labels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

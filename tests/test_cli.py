@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from labeler_service.cli import main
 from storage import Store
@@ -96,10 +98,18 @@ def test_user_errors_are_one_line_messages(run, images: Path, checkpoint: Path, 
 
 @pytest.mark.slow
 def test_demo_runs_the_quickstart(run, tmp_path: Path):
-    out = run("demo")
-    assert "sample: registered: 24 images, 3 classes" in out
-    assert "24 images labeled, 0 failed" in out and "store is consistent" in out
-    assert "already registered" in run("demo")  # and again, idempotently
+    out = run("demo", "--images", "60", "--teacher-epochs", "1", "--student-epochs", "1",
+              "--no-progress")
+    assert "scenes: registered: 60 images, 10 classes" in out
+    assert "60 images labeled, 0 failed" in out and "store is consistent" in out
+    for shown in ("teacher held-out top-1 ", "teacher agreement: top-1 ",
+                  "dense labels (held-out, ", "panels (image | ground truth | teacher top-1)",
+                  "student held-out top-1 ", "$ trainer train --store store --dataset scenes"):
+        assert shown in out
+    figures = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert 0 <= figures["label_quality"]["held_out"]["main_top1"] <= 1
+    panels = sorted((tmp_path / "demo" / "panels").glob("*.png"))
+    assert 1 <= len(panels) <= 6 and Image.open(panels[0]).width >= 3 * 128
 
 
 def shard_object(tmp_path: Path, array: str, shard: int) -> Path:

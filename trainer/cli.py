@@ -49,12 +49,13 @@ def main() -> None:
 @click.option("--val-permille", type=click.IntRange(0, 999), default=20, show_default=True,
               help="Images held out for `trainer eval`, per mille, by path hash.")
 @click.option("--resume", is_flag=True, help="Go on from OUT/last.pt, mid-epoch if it was.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
 def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
           epochs: int, batch_size: int, lr: float, warmup_epochs: float, beta: float,
           label_smoothing: float, gt_weight: float, no_token_label: bool, no_mix_token: bool,
           registers: int, sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
           max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
-          resume: bool) -> None:
+          resume: bool, progress: bool) -> None:
     """Train MODEL on DATASET's images and the token labels of label set LABELS."""
     from trainer.train import TrainConfig
     from trainer.train import train as run
@@ -67,7 +68,7 @@ def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_
                          token_label=not no_token_label,
                          mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,
                          model_kwargs=kwargs, max_steps_per_epoch=max_steps_per_epoch,
-                         save_every=save_every, val_permille=val_permille)
+                         save_every=save_every, val_permille=val_permille, progress=progress)
     last = run(config, resume=resume)
     click.echo(json.dumps(last))
 
