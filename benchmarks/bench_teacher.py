@@ -10,7 +10,8 @@ same images. Setup (not timed): ``--images`` scenes, registered, and a random-we
 ``--model`` checkpoint with 1000 classes (a stand-in for an ImageNet one: the cost is the
 same). Bare forward: the images decoded as the fit decodes them (``decode_image`` at
 ``--input-size``) into memory first, then ``forward_features`` + the pooled features under
-``torch.no_grad`` in batches of ``--batch-size``, one warm-up batch excluded. The fit:
+``torch.no_grad`` in batches of ``--batch-size``, warm-up included (the fit warms up too), once
+before the fit and once after, the ratio against their mean (the machine's speed drifts). The fit:
 ``fit_teacher(..., head_only=True)`` timed from call to return (checkpoint load and hash, the
 dense-head check, decoding in worker processes, the feature pass, 100 epochs of the head on the
 cached features, held-out scoring, writing the .safetensors).
@@ -81,21 +82,18 @@ def bench_demo(base: Path) -> dict:
 @torch.no_grad()
 def bare_forward(model: torch.nn.Module, pixels: np.ndarray, mean, std, batch: int,
                  device: torch.device) -> float:
+    """Seconds of one pass of the backbone over pre-decoded images, warm-up batch included (the
+    fit warms up too)."""
     x_all = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
     x_all = (x_all - mean * 255) / (std * 255)
     model.eval().to(device)
-    seconds = 0.0
-    for k, start in enumerate(range(0, len(x_all), batch)):
-        x = x_all[start:start + batch].to(device)
-        began = time.perf_counter()
-        model.forward_head(model.forward_features(x), pre_logits=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if k:  # the first batch is the warm-up
-            seconds += time.perf_counter() - began
-    # The warm-up batch's images are counted at the mean rate of the others.
-    timed = len(x_all) - min(batch, len(x_all))
-    return seconds * len(x_all) / max(1, timed)
+    began = time.perf_counter()
+    for start in range(0, len(x_all), batch):
+        model.forward_head(model.forward_features(x_all[start:start + batch].to(device)),
+                           pre_logits=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - began
 
 
 def bench_head_only(base: Path, args: argparse.Namespace) -> dict:
@@ -111,16 +109,21 @@ def bench_head_only(base: Path, args: argparse.Namespace) -> dict:
                                     cfg["interpolation"]) for p in manifest.path])
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    forward = bare_forward(model, pixels, mean, std, args.batch_size, torch.device(args.device))
-    del model
+    device = torch.device(args.device)
+    # The machine's speed drifts over minutes: a bare pass before and after the fit, and the
+    # ratio against their mean.
+    before = bare_forward(model, pixels, mean, std, args.batch_size, device)
     began = time.perf_counter()
     report = fit_teacher(store, "scenes", args.model, base / "head.safetensors",
                          FitOptions(input_size=args.input_size, batch_size=args.batch_size,
                                     device=args.device, progress=False),
                          checkpoint=checkpoint, head_only=True)
     fit = time.perf_counter() - began
+    after = bare_forward(model, pixels, mean, std, args.batch_size, device)
+    forward = (before + after) / 2
     return {"head_only_images": args.images, "head_only_model": args.model,
             "head_only_input_size": args.input_size, "bare_forward_seconds": forward,
+            "bare_forward_before_after": [before, after],
             "head_only_fit_seconds": fit, "head_only_feature_seconds": report.feature_seconds,
             "head_only_ratio": fit / forward}
 

@@ -193,12 +193,14 @@ def teacher() -> None:
               help="Default: 10 (the whole network), 100 (head only).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Peak AdamW learning rate (default: 2e-3; 2e-4 fine-tuning a checkpoint).")
+              help="Peak AdamW learning rate (default: 3e-3; 2e-4 fine-tuning a checkpoint).")
 @click.option("--val-permille", type=click.IntRange(0, 999), default=100, show_default=True,
               help="Images held out by path hash to measure the teacher, per mille.")
 @click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default=None,
               help="Dilate the model to this stride (e.g. 16: a grid twice as dense at the same "
                    "input size); recorded, so `labeler label` uses it too.")
+@click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
+              help="Smallest RandomResizedCrop area, as a share of the image (1: whole images).")
 @click.option("--zoom-out", type=click.FloatRange(1.0, 4.0), default=1.0, show_default=True,
               help="Also show half of the training crops shrunk by up to this factor (objects "
                    "smaller than whole images show them).")
@@ -212,7 +214,8 @@ def teacher() -> None:
 def teacher_fit_cmd(dataset: str, model: str, input_size: int, out: Path,
                     checkpoint: Path | None, head_only: bool, epochs: int | None,
                     batch_size: int, lr: float | None, val_permille: int,
-                    output_stride: str | None, zoom_out: float, store_location: str,
+                    output_stride: str | None, crop_scale: float, zoom_out: float,
+                    store_location: str,
                     device: str, workers: int | None, seed: int, progress: bool) -> None:
     """Train MODEL on DATASET's ImageFolder classes; write a teacher `labeler label` takes."""
     from labeler_service.teacher_fit import FitOptions, fit_teacher, report_path_for
@@ -220,7 +223,7 @@ def teacher_fit_cmd(dataset: str, model: str, input_size: int, out: Path,
     options = FitOptions(input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
                          val_permille=val_permille, device=device, workers=workers, seed=seed,
                          output_stride=int(output_stride) if output_stride else None,
-                         zoom_out=zoom_out, progress=progress)
+                         crop_scale=(crop_scale, 1.0), zoom_out=zoom_out, progress=progress)
     report = fit_teacher(Store.open(store_location), dataset, model, out, options,
                          checkpoint=checkpoint, head_only=head_only)
     echo_fit_report(report)
@@ -412,7 +415,7 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
               help="Where the scenes, the teacher, the panels and the student go.")
 @store_option
 @click.option("--images", type=click.IntRange(20), default=None,
-              help="Scenes to make (default: the quickstart's, 2000).")
+              help="Scenes to make (default: the quickstart's, 2500).")
 @click.option("--teacher-epochs", type=click.IntRange(1), default=None,
               help="Default: the quickstart's (see BENCHMARKS.md).")
 @click.option("--student-epochs", type=click.IntRange(1), default=None)
@@ -421,7 +424,7 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
 def demo(directory: Path, store_location: str, images: int | None, teacher_epochs: int | None,
          student_epochs: int | None, progress: bool) -> None:
     """The quickstart: scenes with ground truth, a fitted teacher, labels scored against the
-    masks, picture panels, and an LV-ViT trained on the token labels (about 7 minutes on 2
+    masks, picture panels, and an LV-ViT trained on the token labels (about 8 minutes on 2
     CPU cores)."""
     from dataclasses import replace
 

@@ -29,6 +29,8 @@ def main() -> None:
 @click.option("--lr", type=float, default=1.6e-3, show_default=True,
               help="Per 1024 images; scaled by the global batch size.")
 @click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
+@click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.08, show_default=True,
+              help="Smallest RandomResizedCrop area, as a share of the image (1: whole images).")
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Token loss weight.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--gt-weight", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -51,7 +53,8 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Go on from OUT/last.pt, mid-epoch if it was.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
-          epochs: int, batch_size: int, lr: float, warmup_epochs: float, beta: float,
+          epochs: int, batch_size: int, lr: float, warmup_epochs: float, crop_scale: float,
+          beta: float,
           label_smoothing: float, gt_weight: float, no_token_label: bool, no_mix_token: bool,
           registers: int, sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
           max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
@@ -63,7 +66,8 @@ def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_
     kwargs = {"registers": registers, "sta": sta, "anf": anf, **json.loads(model_kwargs)}
     config = TrainConfig(store=store, dataset=dataset, labels=labelset, out=str(out),
                          model=model, input_size=input_size, epochs=epochs,
-                         batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, beta=beta,
+                         batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+                         crop_scale=(crop_scale, 1.0), beta=beta,
                          label_smoothing=label_smoothing, gt_weight=gt_weight,
                          token_label=not no_token_label,
                          mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,

@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     val_permille: int = 20  # held out by path hash, for `trainer eval`
     augment: bool = True  # RandomResizedCrop + flip
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     model_kwargs: dict = field(default_factory=dict)  # registers, sta, anf, ...
     max_steps_per_epoch: int | None = None  # for smoke tests
     save_every: int = 500  # steps between mid-epoch checkpoints (last.pt)
@@ -152,7 +153,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     stream_config = StreamConfig(store=config.store, dataset=config.dataset,
                                  labelset=config.labels, image_size=config.input_size,
                                  seed=config.seed, val_permille=config.val_permille,
-                                 augment=config.augment)
+                                 augment=config.augment, crop_scale=tuple(config.crop_scale))
     stream = TokenLabelStream(stream_config, rank=rank, world_size=world)
     num_classes = stream.num_classes
 

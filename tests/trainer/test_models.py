@@ -79,11 +79,12 @@ def test_every_variant_runs_forward_and_forward_train(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, **TINY)
     x = torch.randn(2, 3, 32, 32)
-    assert model.grid == (2, 2)
+    side = 32 // model.patch_embed.patch_size  # 16 for most, 8 for lvvit_nano
+    assert model.grid == (side, side)
     model.train()
     cls_logits, token_logits, box = model.forward_train(x)
-    assert cls_logits.shape == (2, 10) and token_logits.shape == (2, 4, 10)
-    assert box is not None and box_mask(box, model.grid).shape == (4,)
+    assert cls_logits.shape == (2, 10) and token_logits.shape == (2, side * side, 10)
+    assert box is not None and box_mask(box, model.grid).shape == (side * side,)
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 10)
