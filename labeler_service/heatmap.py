@@ -2,7 +2,7 @@
 
 * ``render_heatmap``: the top-1 class of every grid cell as a colour over the image, more opaque
   where the teacher is more confident, and a legend (the API's ``heatmap.png``).
-* ``render_panel``: image | ground-truth mask | teacher top-1 map side by side, with the grid
+* ``render_panel``: image | ground-truth mask | class or heat maps side by side, with the grid
   drawn where the label set's geometry puts it (``labeler demo``).
 """
 
@@ -81,11 +81,13 @@ BACKGROUND_COLOUR = (40, 40, 40)
 PANEL_HEIGHT = 256
 
 
-def render_panel(image_path: str, mask: np.ndarray, block: LabelBlock, teacher: TeacherSpec,
-                 title: str = "") -> bytes:
-    """``image | ground truth | teacher top-1``: the mask and the teacher's top-1 class map in
-    the same class colours (background dark grey), the label grid drawn over all three, a legend
-    of the classes present, and ``title`` above."""
+def render_panel(image_path: str, mask: np.ndarray, teacher: TeacherSpec,
+                 maps: Sequence[tuple[str, np.ndarray]], title: str = "") -> bytes:
+    """``image | ground truth | map | map ...``: the mask and each class map (int ``[h, w]``)
+    in the same class colours (background dark grey), each float map (e.g. attention,
+    ``[h, w]``) as a heat overlay from its minimum (blue) to its maximum (red); the grid drawn
+    over all, the geometry of ``teacher`` (``TeacherSpec.grid_box``) for every map, each tile's
+    name above it, a legend of the classes present, and ``title`` above all."""
     with Image.open(image_path) as img:
         picture = to_rgb(ImageOps.exif_transpose(img))
     if picture.size != (mask.shape[1], mask.shape[0]):
@@ -95,31 +97,46 @@ def render_panel(image_path: str, mask: np.ndarray, block: LabelBlock, teacher: 
     size = (max(1, round(picture.width * scale)), PANEL_HEIGHT)
     picture = picture.resize(size, Image.Resampling.BICUBIC)
 
-    top1 = block.classes[0, 0].astype(np.int64)  # [h, w]
-    present = sorted(set(np.unique(mask[mask >= 0]).tolist()) | set(np.unique(top1).tolist()))
+    class_maps = [m.astype(np.int64) for _, m in maps if np.issubdtype(m.dtype, np.integer)]
+    present = sorted(set(np.unique(mask[mask >= 0]).tolist()).union(
+        *(np.unique(m).tolist() for m in class_maps)))
     palette = np.array([class_colour(c) for c in range(max(present, default=0) + 1)], np.uint8)
     truth = np.where(mask[..., None] >= 0, palette[np.maximum(mask, 0)], BACKGROUND_COLOUR)
     truth = Image.fromarray(truth.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
 
     x0, y0, span_x, span_y = teacher.grid_box(mask.shape[1], mask.shape[0])  # image pixels
     box = tuple(round(v * scale) for v in (x0, y0, x0 + span_x, y0 + span_y))
-    cells = Image.fromarray(palette[top1]).resize((box[2] - box[0], box[3] - box[1]),
-                                                  Image.Resampling.NEAREST)
-    teacher_map = picture.convert("L").convert("RGB")  # grey under the colours, for context
-    teacher_map.paste(Image.blend(teacher_map.crop(box), cells, 0.8), box[:2])
+    grey = picture.convert("L").convert("RGB")  # under the colours, for context
+    tiles, grids = [("image", picture), ("ground truth", truth)], [None, None]
+    for name, values in maps:
+        if np.issubdtype(values.dtype, np.integer):
+            colours = palette[values.astype(np.int64)]
+        else:
+            low, high = float(values.min()), float(values.max())
+            heat = (values - low) / max(high - low, 1e-12)
+            colours = (np.stack([heat, 0.25 * heat, 1 - heat], -1) * 255).astype(np.uint8)
+        cells = Image.fromarray(colours).resize((box[2] - box[0], box[3] - box[1]),
+                                                Image.Resampling.NEAREST)
+        tile = grey.copy()
+        tile.paste(Image.blend(tile.crop(box), cells, 0.8), box[:2])
+        tiles.append((name, tile))
+        grids.append(values.shape)
+    grid = next((g for g in grids if g is not None), None)
 
     gap = 6
     legend_rows = -(-len(present) // 3)
-    top = ROW_HEIGHT + 2 if title else 0
-    canvas = Image.new("RGB", (3 * size[0] + 2 * gap, top + PANEL_HEIGHT + 4
-                               + legend_rows * ROW_HEIGHT), (255, 255, 255))
+    top = (ROW_HEIGHT + 2 if title else 0) + ROW_HEIGHT
+    canvas = Image.new("RGB", (len(tiles) * size[0] + (len(tiles) - 1) * gap,
+                               top + PANEL_HEIGHT + 4 + legend_rows * ROW_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((4, 2), title, fill=(0, 0, 0))
-    for k, tile in enumerate((picture, truth, teacher_map)):
+    for k, (name, tile) in enumerate(tiles):
         x = k * (size[0] + gap)
+        draw.text((x + 2, top - ROW_HEIGHT + 1), name, fill=(0, 0, 0))
         canvas.paste(tile, (x, top))
-        grid_lines(draw, (x + box[0], top + box[1], x + box[2], top + box[3]), top1.shape)
+        if grid is not None:
+            grid_lines(draw, (x + box[0], top + box[1], x + box[2], top + box[3]), grid)
     draw_legend(canvas, top + PANEL_HEIGHT + 4,
                 [(tuple(int(v) for v in palette[c]), class_name(teacher.class_names, c))
                  for c in present], columns=3)

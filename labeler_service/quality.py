@@ -83,6 +83,21 @@ def cell_ground_truth(mask: np.ndarray, grid: tuple[int, int], teacher: TeacherS
     central square, whose outside belongs to no cell). Ties go to the lower value, background
     first.
     """
+    return (cell_value_counts(mask, grid, teacher).argmax(axis=1) - 1).reshape(grid)
+
+
+def cell_object_fraction(mask: np.ndarray, grid: tuple[int, int],
+                         teacher: TeacherSpec) -> np.ndarray:
+    """Per grid cell, the share of its pixels that belong to an object (mask >= 0); float
+    [H, W], 0 for a cell without pixels. Same geometry as :func:`cell_ground_truth`."""
+    counts = cell_value_counts(mask, grid, teacher)
+    total = counts.sum(axis=1)
+    return np.where(total > 0, 1 - counts[:, 0] / np.maximum(total, 1), 0.0).reshape(grid)
+
+
+def cell_value_counts(mask: np.ndarray, grid: tuple[int, int], teacher: TeacherSpec) -> np.ndarray:
+    """int [cells, 1 + max value]: per grid cell (row-major), how many of its pixels carry each
+    mask value + 1 (column 0: background)."""
     height, width = mask.shape
     grid_h, grid_w = grid
     x0, y0, span_x, span_y = teacher.grid_box(width, height)
@@ -92,9 +107,8 @@ def cell_ground_truth(mask: np.ndarray, grid: tuple[int, int], teacher: TeacherS
     cell = row[:, None] * grid_w + col[None, :]
     values = mask.astype(np.int64) + 1  # background -1 -> 0
     depth = int(values.max(initial=0)) + 1
-    counts = np.bincount(cell[inside] * depth + values[inside],
-                         minlength=grid_h * grid_w * depth).reshape(grid_h * grid_w, depth)
-    return (counts.argmax(axis=1) - 1).reshape(grid_h, grid_w)
+    return np.bincount(cell[inside] * depth + values[inside],
+                       minlength=grid_h * grid_w * depth).reshape(grid_h * grid_w, depth)
 
 
 def dense_quality(truth: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from labeler_service.cli import main
 from labeler_service.quality import (
     cell_ground_truth,
+    cell_object_fraction,
     dense_quality,
     evaluate_labels,
     reliability,
@@ -35,6 +36,8 @@ def test_cell_ground_truth_is_the_majority_of_each_cell():
     # cell (0,1) holds 1, -1, 1, -1: a tie, which goes to background.
     expected = [[0, -1, 2], [-1, 3, -1]]
     assert cell_ground_truth(mask, (2, 3), SQUASH).tolist() == expected
+    fraction = [[0.75, 0.5, 0.75], [0.25, 0.75, 0.25]]
+    assert cell_object_fraction(mask, (2, 3), SQUASH).tolist() == fraction
 
 
 def test_cell_ground_truth_center_crop_covers_the_central_square():

@@ -61,12 +61,51 @@ def evaluate(checkpoint: Path, store: str, dataset: str, labels: str, batch_size
     return {"top1": correct1 / total, "top5": correct5 / total, "images": total}
 
 
+def outlier_token_share(patches: torch.Tensor, factor: float = 3.0) -> float:
+    """The share of patch tokens ``[B, N, D]`` whose norm exceeds ``factor`` x the median
+    patch-token norm of their own image (the high-norm "artifact" tokens of Darcet et al.)."""
+    norms = patches.norm(dim=-1)
+    median = norms.median(dim=1, keepdim=True).values
+    return float((norms > factor * median).float().mean())
+
+
+def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy ``H / log N`` of attention rows ``[B, N]`` (any non-negative weights):
+    1 is uniform over the N tokens, 0 all on one."""
+    p = attention / attention.sum(-1, keepdim=True)
+    return -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
+
+
+def foreground_precision(attention: torch.Tensor, object_fraction: torch.Tensor,
+                         top_mass: float = 0.5) -> torch.Tensor:
+    """Where the class token looks: of the smallest set of tokens holding ``top_mass`` of each
+    row's attention ``[B, N]``, the share of that attention that falls on object pixels
+    (``object_fraction`` ``[B, N]``: each token's cell's share of object pixels). ``[B]``."""
+    p = attention / attention.sum(-1, keepdim=True)
+    mass, order = p.sort(dim=-1, descending=True)
+    # a token is in the top set when the mass before it is still short of top_mass
+    in_top = (mass.cumsum(-1) - mass) < top_mass
+    fraction = object_fraction.gather(-1, order)
+    return (mass * fraction * in_top).sum(-1) / (mass * in_top).sum(-1)
+
+
+def position_share(patches: torch.Tensor) -> float:
+    """The share of patch-token variance ``[B, N, D]`` explained by position: the variance of
+    the per-position means (over images) divided by the total variance, summed over dims. 0:
+    tokens say nothing about where they are; 1: a token is its position embedding."""
+    x = patches.double()
+    centred = x - x.mean(dim=(0, 1))
+    between = centred.mean(dim=0).pow(2).sum(-1).mean()
+    total = centred.pow(2).sum(-1).mean()
+    return float(between / total) if total > 0 else 0.0
+
+
 @torch.no_grad()
 def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 64,
                      batch_size: int = 16) -> dict:
-    """The share of patch tokens whose norm exceeds 3x the median patch-token norm (residual
-    stream before the final LayerNorm), and the class token's attention entropy in the last block
-    (H / log N over patch tokens, heads averaged), over the first ``images`` images."""
+    """:func:`outlier_token_share` (residual stream before the final LayerNorm) and the class
+    token's :func:`attention_entropy` in the last block (over patch tokens, per head, averaged),
+    over the first ``images`` readable images."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(checkpoint, device)
     ds = Store.open(store, mode="r").dataset(dataset)
@@ -82,18 +121,11 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
             continue
     x_all = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
     prefix = model.num_prefix_tokens
-    outliers = tokens = 0
-    entropy: list[float] = []
+    patches, entropy = [], []
     for start in range(0, len(x_all), batch_size):
         x = normalise(x_all[start:start + batch_size], device)
-        patches = model.forward_features(x, pre_norm=True)[:, prefix:]
-        norms = patches.norm(dim=-1)
-        median = norms.median(dim=1, keepdim=True).values
-        outliers += int((norms > 3 * median).sum())
-        tokens += norms.numel()
+        patches.append(model.forward_features(x, pre_norm=True)[:, prefix:])
         attention = model.attention_maps(x)[-1][:, :, 0, prefix:]  # [B, heads, N]
-        attention = attention / attention.sum(-1, keepdim=True)
-        h = -(attention * attention.clamp_min(1e-12).log()).sum(-1).mean(1)
-        entropy += (h / math.log(attention.shape[-1])).tolist()
-    return {"outlier_token_share": outliers / tokens, "cls_attention_entropy":
-            float(np.mean(entropy)), "images": len(x_all)}
+        entropy.append(attention_entropy(attention).mean(1))
+    return {"outlier_token_share": outlier_token_share(torch.cat(patches)),
+            "cls_attention_entropy": float(torch.cat(entropy).mean()), "images": len(x_all)}
