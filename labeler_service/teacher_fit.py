@@ -74,13 +74,13 @@ class FitOptions:
     epochs: int | None = None  # None: 10 (training the network), 100 (head only: nearly free)
     batch_size: int = 32
     # Peak AdamW learning rate; None: 3e-3 from scratch and for a head (from scratch: chosen on
-    # the held-out split of the scenes, BENCHMARKS.md (i)), 2e-4 when fine-tuning a pretrained
+    # the held-out split of the scenes, BENCHMARKS.md (e)), 2e-4 when fine-tuning a pretrained
     # network (a usual fine-tuning rate, not tuned here: no pretrained weights offline).
     lr: float | None = None
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     # RandomResizedCrop's area range. Smaller crops regularise more but learn slower: on the
-    # scenes in a CPU budget 0.6 beat 0.35 (BENCHMARKS.md (i)).
+    # scenes in a CPU budget 0.6 beat 0.35 (BENCHMARKS.md (e)).
     crop_scale: tuple[float, float] = (0.5, 1.0)
     # Zoom-out after the crop: with probability ``zoom_out_p`` the crop is shrunk by a factor
     # in [1, zoom_out] and placed at random on a canvas of its mean colour, so objects are also
