@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -9,6 +10,21 @@ import click
 
 store_option = click.option("--store", envvar="LABELER_STORE", default="store", show_default=True,
                             help="Store path or fsspec URL (env LABELER_STORE).")
+
+
+def user_errors(fn):
+    """Errors a user can fix (a checkpoint that is not one, a missing label set, a bad option
+    value) as one line and exit status 1."""
+    from storage import StoreError
+    from trainer.checkpoints import CheckpointError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (CheckpointError, StoreError, ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,14 +67,19 @@ def main() -> None:
 @click.option("--val-permille", type=click.IntRange(0, 999), default=20, show_default=True,
               help="Images held out for `trainer eval`, per mille, by path hash.")
 @click.option("--resume", is_flag=True, help="Go on from OUT/last.pt, mid-epoch if it was.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Fine-tune from these weights: an official LV-ViT checkpoint, "
+                                 "one of ours, or a state dict (new heads if the class count "
+                                 "differs; position embedding resampled to --input-size).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
 def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
           epochs: int, batch_size: int, lr: float, warmup_epochs: float, crop_scale: float,
           beta: float,
           label_smoothing: float, gt_weight: float, no_token_label: bool, no_mix_token: bool,
           registers: int, sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
           max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
-          resume: bool, progress: bool) -> None:
+          resume: bool, init: Path | None, progress: bool) -> None:
     """Train MODEL on DATASET's images and the token labels of label set LABELS."""
     from trainer.train import TrainConfig
     from trainer.train import train as run
@@ -72,7 +93,8 @@ def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_
                          token_label=not no_token_label,
                          mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,
                          model_kwargs=kwargs, max_steps_per_epoch=max_steps_per_epoch,
-                         save_every=save_every, val_permille=val_permille, progress=progress)
+                         save_every=save_every, val_permille=val_permille, progress=progress,
+                         init=str(init) if init else None)
     last = run(config, resume=resume)
     click.echo(json.dumps(last))
 
@@ -85,6 +107,7 @@ def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_
 @click.option("--val-permille", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="The held-out share used in training (per mille).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@user_errors
 def evaluate_cmd(store: str, dataset: str, labelset: str, checkpoint: Path, val_permille: int,
                  batch_size: int) -> None:
     """Top-1/top-5 on the held-out split."""
@@ -99,11 +122,28 @@ def evaluate_cmd(store: str, dataset: str, labelset: str, checkpoint: Path, val_
 @store_option
 @click.option("--dataset", required=True)
 @click.option("--images", type=click.IntRange(1), default=64, show_default=True)
+@user_errors
 def artifacts(checkpoint: Path, store: str, dataset: str, images: int) -> None:
     """Feature-map artifact metrics: outlier-token share and CLS-attention entropy."""
     from trainer.evaluate import artifact_metrics
 
     click.echo(json.dumps(artifact_metrics(checkpoint, store, dataset, images=images)))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", default=None,
+              help="The variant, when the checkpoint cannot tell (a bare state dict).")
+@user_errors
+def convert(checkpoint: Path, out: Path, model: str | None) -> None:
+    """Write CHECKPOINT (official LV-ViT, ours, a state dict) as OUT in this project's format."""
+    from trainer.checkpoints import read_checkpoint, save_project_checkpoint
+
+    read = read_checkpoint(checkpoint, model=model)
+    save_project_checkpoint(read, out)
+    click.echo(f"{out}: {read.model} ({read.source} checkpoint), "
+               f"{read.overrides.get('num_classes')} classes")
 
 
 @main.command()

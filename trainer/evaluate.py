@@ -11,22 +11,15 @@ from torch.utils.data import DataLoader
 
 from labeler_service.images import ImageRejected, decode_image
 from storage import Store
+from trainer.checkpoints import build_model, read_checkpoint
 from trainer.data.stream import StreamConfig, TokenLabelStream
-from trainer.models import create_model
 from trainer.train import IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_checkpoint(path: Path, device: torch.device, use_ema: bool = True) -> torch.nn.Module:
-    state = torch.load(path, map_location=device, weights_only=False)
-    config = state["config"]
-    model = create_model(config["model"], num_classes=state["num_classes"],
-                         img_size=config["input_size"], **config["model_kwargs"])
-    weights = state["ema"] if use_ema and state.get("ema") else state["model"]
-    if weights is state.get("ema"):  # AveragedModel: "module." prefix and a step counter
-        weights = {k.removeprefix("module."): v for k, v in weights.items()
-                   if k.startswith("module.")}
-    model.load_state_dict(weights)
-    return model.to(device).eval()
+    """Any checkpoint :func:`trainer.checkpoints.read_checkpoint` reads, in eval mode on
+    ``device`` (a project checkpoint's EMA weights when it has them and ``use_ema``)."""
+    return build_model(read_checkpoint(path, use_ema=use_ema)).to(device).eval()
 
 
 def normalise(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
@@ -208,18 +209,25 @@ def roi_align_labels(dense: torch.Tensor, boxes: torch.Tensor | Sequence[Sequenc
     Returns:
         ``[B, C, h, w]`` in ``dense``'s dtype; every cell sums to 1.
 
-    Each output cell is a mean of bilinear interpolations of the input distributions, i.e. a
-    convex combination, so it sums to 1 up to rounding, except where RoIAlign samples more than
-    one cell outside the grid (it reads zeros there): boxes reaching outside the grid (imported
-    centre-crop labels, or a box that is not inside the image). Every cell is therefore
-    renormalised, and a cell with no mass at all (entirely outside the grid) becomes uniform.
+    Where a box reaches outside the grid (centre-cropped labels of a non-square image: the crop
+    may take pixels beside the labelled square), the labels there are those of the **nearest
+    cell**: the maps are padded with copies of their border cells as far as the boxes reach
+    (padding only when some box does). Each output cell is then a mean of bilinear
+    interpolations of the input distributions, a convex combination that sums to 1; it is
+    renormalised all the same against rounding.
     """
     if dense.dim() != 4:
         raise ValueError(f"dense must be [B, C, H, W], got {tuple(dense.shape)}")
     b, c = dense.shape[:2]
-    boxes = torch.as_tensor(boxes, device=dense.device).to(dense.dtype)
+    boxes = torch.as_tensor(boxes).to(dense.dtype)
     if boxes.shape != (b, 4):
         raise ValueError(f"boxes must be [B, 4] = {(b, 4)}, got {tuple(boxes.shape)}")
+    pad = outside_reach(boxes, dense.shape[-2:])  # before the copy: boxes from a loader are
+    # on the host, so this reads no device memory
+    boxes = boxes.to(dense.device)
+    if pad:
+        dense = F.pad(dense, (pad, pad, pad, pad), mode="replicate")
+        boxes = boxes + pad
     index = torch.arange(b, device=dense.device, dtype=dense.dtype)[:, None]
     rois = torch.cat([index, boxes], dim=1)  # [B, 5]: (batch index, x1, y1, x2, y2)
     maps = roi_align(dense, rois, output_size=tuple(output_size), spatial_scale=1.0,
@@ -231,6 +239,15 @@ def roi_align_labels(dense: torch.Tensor, boxes: torch.Tensor | Sequence[Sequenc
         maps[flip] = maps[flip].flip(-1)
     total = maps.sum(dim=1, keepdim=True)
     return torch.addcmul((total <= 0).to(maps.dtype) / c, maps, 1.0 / total.clamp(min=1e-12))
+
+
+def outside_reach(boxes: torch.Tensor, grid: Sequence[int]) -> int:
+    """How many cells (rounded up, plus RoIAlign's one-cell border) the ``[B, 4]`` grid-coordinate
+    boxes reach beyond a ``grid`` = ``(h, w)`` map; 0 when all lie inside."""
+    h, w = grid
+    over = torch.stack([-boxes[:, 0], -boxes[:, 1], boxes[:, 2] - w, boxes[:, 3] - h]).max()
+    over = float(over)
+    return 0 if over <= 0 else math.ceil(over) + 1
 
 
 def resized_crop_tensor(image: torch.Tensor, box: Sequence[int], size: int | Sequence[int],

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from trainer.checkpoints import load_weights, read_checkpoint
 from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
 from trainer.labels import densify, roi_align_labels
 from trainer.loss import class_target, ground_truth_loss, token_labeling_loss
@@ -62,6 +63,7 @@ class TrainConfig:
     augment: bool = True  # RandomResizedCrop + flip
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     model_kwargs: dict = field(default_factory=dict)  # registers, sta, anf, ...
+    init: str | None = None  # fine-tune from these weights (any trainer.checkpoints kind)
     max_steps_per_epoch: int | None = None  # for smoke tests
     save_every: int = 500  # steps between mid-epoch checkpoints (last.pt)
     progress: bool = True
@@ -98,7 +100,7 @@ def targets(batch: dict, grid: tuple[int, int], num_classes: int,
     """Class-token target [B, C] and patch-token targets [B, N, C] for the crops in ``batch``."""
     dense = densify(batch["logits"].to(device), batch["classes"].to(device),
                     batch["lse"].to(device), num_classes)
-    boxes, flip = batch["box"].to(device), batch["flip"].to(device)
+    boxes, flip = batch["box"], batch["flip"].to(device)  # boxes: roi_align_labels moves them
     tokens = roi_align_labels(dense, boxes, grid, flip)  # [B, C, h, w]
     cls = roi_align_labels(dense, boxes, (1, 1), flip)[:, :, 0, 0]
     return cls, tokens.flatten(2).transpose(1, 2)
@@ -134,6 +136,20 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay as timm applies it: none on the model's ``no_weight_decay()`` parameters
+    (position embedding, class and register tokens), biases and norm weights (every parameter
+    with fewer than 2 dimensions)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def lr_at(step: float, config: TrainConfig, steps_per_epoch: int, base_lr: float) -> float:
     warmup = config.warmup_epochs * steps_per_epoch
     total = config.epochs * steps_per_epoch
@@ -159,18 +175,18 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
     # -- model, optimizer -------------------------------------------------------------------
     model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
-                         mix_token=config.mix_token, **config.model_kwargs).to(device)
+                         mix_token=config.mix_token, **config.model_kwargs)
+    if config.init and not (resume and (out / "last.pt").is_file()):
+        # New heads when the class count differs; the position embedding follows the grid.
+        load_weights(model, read_checkpoint(Path(config.init)).weights, new_heads=True)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = ForwardTrain(model)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
     base_lr = config.lr * config.batch_size * world / 1024
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1
-                                                               and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=base_lr)
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema))
         if config.ema else None)

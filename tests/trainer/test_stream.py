@@ -138,3 +138,23 @@ def test_colour_jitter_moves_no_pixels(labeled):
     edges = (a["image"].float().diff(dim=-1).abs().sum(0) > 30)
     moved = (b["image"].float().diff(dim=-1).abs().sum(0) > 5)
     assert (moved[edges]).float().mean() > 0.9
+
+
+def test_centre_cropped_labels_map_boxes_through_their_square(labeled):
+    """Labels recorded as ``center_crop`` (imported TokenLabeling files) cover the central
+    square: the whole of a non-square image reaches beyond the grid on its long side."""
+    store_path, _ = labeled
+    dataset = Store.open(store_path).dataset("toy")
+    teacher = TeacherSpec(model="imported", checkpoint_sha256=None, num_classes=3,
+                          input_size=64, resize="center_crop")
+    labelset = dataset.create_labelset(LabelSetConfig(
+        teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint,
+        shard_size=4, chunk_size=2))
+    stream = TokenLabelStream(StreamConfig(store=str(store_path), dataset="toy",
+                                           labelset=labelset.id, image_size=32, augment=False))
+    width, height = (int(v) for v in stream.sizes[0])
+    assert width != height  # the sample images are not square
+    side = min(width, height)
+    x1, y1, x2, y2 = stream.to_grid(0, (0, 0, width, height))
+    reach_x, reach_y = (width - side) / side, (height - side) / side  # grid cells, both sides
+    assert (x1, y1, x2, y2) == pytest.approx((-reach_x, -reach_y, 2 + reach_x, 2 + reach_y))

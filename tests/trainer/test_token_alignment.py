@@ -69,3 +69,42 @@ def test_spot_lands_on_its_token_through_crop_flip_and_mixtoken():
     torch.testing.assert_close(mixed_cls[0, 2], area * cls_target[1, 2] + (1 - area) *
                                cls_target[0, 2])
     assert mixed_cls[0, 2] > 0.3  # a third of sample 0's class target is now sample 1's class
+
+
+def centre_crop_batch(box: tuple[float, float, float, float]) -> dict:
+    """One sample of centre-cropped labels (imported TokenLabeling files) on the 400 x 300
+    image: a 6 x 6 grid over the central 300 x 300 square (x in [50, 350)), cells of 50 px.
+    Class 1 at the spot, cell (2, 4): pixels x in [250, 300), y in [100, 150); class 3 in the
+    square's leftmost column; class 0 elsewhere."""
+    classes = torch.zeros(1, 2, 6, 6, dtype=torch.int64)
+    classes[0, 0, :, 0] = 3
+    classes[0, 0, 2, 4] = 1
+    classes[0, 1] = 2
+    logits = torch.stack([torch.full((1, 6, 6), 20.0), torch.zeros(1, 6, 6)], dim=1)
+    lse = torch.logsumexp(torch.stack([logits[:, 0], logits[:, 1], torch.zeros(1, 6, 6)]), 0)
+    grid_box = image_box_to_grid(box, (IMAGE_W, IMAGE_H), (6, 6), "center_crop")
+    return {"logits": logits, "classes": classes, "lse": lse,
+            "box": torch.tensor([grid_box], dtype=torch.float32), "flip": torch.tensor([False])}
+
+
+def test_centre_cropped_labels_land_where_the_square_puts_them():
+    crop = (200, 40, 340, 300)  # the spot's centre (275, 125) is at token x 2.68, y 1.63
+    _, tokens = targets(centre_crop_batch(crop), TOKEN_GRID, 4, torch.device("cpu"))
+    assert int(tokens[0, :, 1].argmax()) == 1 * TOKEN_GRID[1] + 2
+    # Mapping the box as if the grid covered the whole image (the bug this guards against)
+    # moves the spot to pixels x in [267, 333), centre 300: token x 3.57.
+    wrong = dict(centre_crop_batch(crop), box=torch.tensor(
+        [image_box_to_grid(crop, (IMAGE_W, IMAGE_H), (6, 6))], dtype=torch.float32))
+    _, shifted = targets(wrong, TOKEN_GRID, 4, torch.device("cpu"))
+    assert int(shifted[0, :, 1].argmax()) == 1 * TOKEN_GRID[1] + 3
+
+
+def test_outside_the_labelled_square_the_nearest_cell_labels_the_tokens():
+    # A crop of the image's left 75 px: x in [0, 50) lies left of the square, where the
+    # nearest cells are the square's leftmost column (class 3); x in [50, 75) is that column,
+    # up to its centre (bilinear beyond it would blend in the next column).
+    _, tokens = targets(centre_crop_batch((0, 0, 75, 300)), TOKEN_GRID, 4,
+                        torch.device("cpu"))
+    top = tokens[0].argmax(-1).reshape(TOKEN_GRID)
+    assert (top == 3).all(), top
+    assert tokens[0, :, 3].min() > 0.99  # not a uniform fallback

@@ -105,6 +105,7 @@ class TokenLabelStream(IterableDataset):
         self.source_root = Path(store.dataset(config.dataset).source_root)
         self.shard_size, self.num_shards = labelset.shard_size, labelset.num_shards
         self.grid = labelset.grid
+        self.resize = labelset.teacher.resize  # what the grid covers: docs/store-format.md
         self.num_classes = labelset.teacher.num_classes
         self._labelset: LabelSet | None = None  # opened lazily in each worker
 
@@ -204,8 +205,9 @@ class TokenLabelStream(IterableDataset):
         return tuple(factors.tolist())
 
     def to_grid(self, index: int, box: tuple) -> tuple[float, ...]:
-        """A box in image pixels to label-grid coordinates (the grid covers the whole image)."""
-        return tuple(image_box_to_grid(box, self.sizes[index].tolist(), self.grid))
+        """A box in image pixels to label-grid coordinates, through the label set's recorded
+        geometry (the whole image, or its central square for centre-cropped labels)."""
+        return tuple(image_box_to_grid(box, self.sizes[index].tolist(), self.grid, self.resize))
 
     def load_image(self, index: int, box: tuple, flip: bool,
                    colour: tuple[float, float, float] | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-LN_EPS = 1e-6
+LN_EPS = 1e-6  # timm's ViT; LV-ViT as published uses 1e-5 (LVViTConfig.norm_eps)
 
 
 class Attention(nn.Module):
@@ -75,13 +75,14 @@ class Block(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        norm_eps: float = LN_EPS,
     ) -> None:
         super().__init__()
         self.skip_lam = skip_lam
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,7 @@ class AdaptiveNoiseFilter(nn.Module):
 
     def __init__(
         self, dim: int, kernel_size: int = 3, norm: bool = True, gate_bias: float = -4.0,
-        gate_rank: int | None = None,
+        gate_rank: int | None = None, norm_eps: float = LN_EPS,
     ) -> None:
         super().__init__()
         if gate_rank is not None and not 0 < gate_rank <= dim:
@@ -200,7 +201,7 @@ class AdaptiveNoiseFilter(nn.Module):
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding="same", groups=dim)
         self.gate = nn.Linear(dim, dim) if gate_rank is None else nn.Sequential(
             nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, dim))
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS) if norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -71,7 +71,6 @@ from torch import nn
 
 from trainer.models import register_model
 from trainer.models.layers import (
-    LN_EPS,
     AdaptiveNoiseFilter,
     Block,
     ConvStem,
@@ -95,6 +94,7 @@ class LVViTConfig:
     mlp_ratio: float = 3.0
     qkv_bias: bool = False
     skip_lam: float = 2.0
+    norm_eps: float = 1e-5  # every LayerNorm; as the official LV-ViT code (timm's ViT: 1e-6)
     stem: str = "conv"  # "conv": LV-ViT's 4-conv stem; "patch": one conv, kernel = stride = patch
     stem_channels: int = 64
     patch_size: int = 16
@@ -182,15 +182,16 @@ class LVViT(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.skip_lam,
-                  drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=rate)
+                  drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=rate,
+                  norm_eps=cfg.norm_eps)
             for rate in rates
         )
         self.anf = nn.ModuleDict({
             str(i): AdaptiveNoiseFilter(d, cfg.anf_kernel, cfg.anf_norm, cfg.anf_gate_bias,
-                                cfg.anf_gate_rank)
+                                        cfg.anf_gate_rank, cfg.norm_eps)
             for i in cfg.anf_after
         })
-        self.norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.num_classes)
         self.aux_head = nn.Linear(d, cfg.num_classes)
         self.init_weights()

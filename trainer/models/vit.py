@@ -25,6 +25,7 @@ class ViTConfig(LVViTConfig):
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     skip_lam: float = 1.0
+    norm_eps: float = 1e-6  # timm's ViT / DeiT
     stem: str = "patch"
 
 
