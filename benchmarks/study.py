@@ -12,7 +12,7 @@ student holds out both (``--val-permille 300``). ``--tune`` picks the learning r
 validation split, for every arm alike (the mean of arms 1 and 3); the report's numbers are on the
 test split only.
 
-    python benchmarks/study.py --dir /tmp/study                # the full CPU study (~2 h, 2 cores)
+    python benchmarks/study.py --dir /tmp/study                # the full CPU study (~80 min, 2 cores)
     python benchmarks/study.py --dir /tmp/study --quick        # 1 seed, a few steps: a smoke test
     python benchmarks/study.py --dir /data/study --device cuda --scale gpu
 
@@ -88,15 +88,15 @@ class StudyConfig:
 
     labels: DemoConfig = field(default_factory=DemoConfig)
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 0.03  # per 1024 images (the trainer's unit)
     warmup_epochs: float = 1.0
     beta: float = 0.5
     crop_scale: float = 0.8
     max_steps_per_epoch: int | None = None
-    tune_lrs: tuple[float, ...] = (0.015, 0.03, 0.06)
-    probe_images: int = 800  # training-split images whose tokens fit the linear probe
+    tune_lrs: tuple[float, ...] = (0.03, 0.06)
+    probe_images: int = 400  # training-split images whose tokens fit the linear probe
     panels: int = 2
     device: str = "cpu"
 
