@@ -352,6 +352,10 @@ def import_tokenlabeling_cmd(dataset: str, directory: Path, store_location: str,
     click.echo(f"label set {report.labelset_id}: {report.images_imported} images imported, "
                f"{sum(report.images_failed.values())} failed, {report.shards_written} shards "
                f"written, {report.shards_skipped} already done")
+    click.echo(f"label files: {report.matched_full_path} found by the image path, "
+               f"{report.matched_official} by the official rule (<class folder>/<name>.pt), "
+               f"{report.images_without_file} images without one, {report.files_unmatched} "
+               "files for no image")
     for status, count in sorted(report.images_failed.items()):
         click.echo(f"  {count} x {status.description}")
 

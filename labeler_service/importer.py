@@ -1,9 +1,12 @@
 """Import labels in the public TokenLabeling layout into a label set.
 
-That layout is one ``.pt`` file per image, mirroring the image tree with ``.pt`` in place of the
-image suffix, holding a float16 tensor [2, K, H, W]: the top-K logits, then the class ids stored
-as float16. Those files carry no logsumexp and no image-level labels, so the imported label set has
-``lse`` and ``global_logits`` NaN and ``global_classes`` -1 (documented in docs/store-format.md).
+That layout is one ``.pt`` file per image holding a float16 tensor [2, K, H, W]: the top-K
+logits, then the class ids stored as float16. A file is found for an image by either of two rules
+(:func:`match_label_files`): the image's relative path with ``.pt`` in place of its suffix, or
+the official loader's, the last two path components with everything after the first dot of the
+file name dropped (``train/n01440764/x.JPEG`` -> ``n01440764/x.pt``). Those files carry no
+logsumexp and no image-level labels, so the imported label set has ``lse`` and
+``global_logits`` NaN and ``global_classes`` -1 (documented in docs/store-format.md).
 The public generator centre-cropped the image, which the label set records as ``resize``.
 """
 
@@ -33,10 +36,61 @@ class ImportReport:
     images_failed: Counter = field(default_factory=Counter)
     shards_written: int = 0
     shards_skipped: int = 0
+    matched_full_path: int = 0  # images whose file was found by its relative path
+    matched_official: int = 0  # ... by the official loader's rule
+    images_without_file: int = 0
+    files_unmatched: int = 0  # .pt files under the directory that belong to no image
+
+
+@dataclass
+class LabelFileMatch:
+    files: list[str | None]  # per image: its label file, relative to the label directory
+    full_path: int
+    official: int
+    unmatched_files: int
 
 
 def label_file_for(image_path: str) -> str:
+    """The image's relative path with ``.pt`` in place of its suffix."""
     return str(PurePosixPath(image_path).with_suffix(".pt"))
+
+
+def official_label_file_for(image_path: str) -> str:
+    """The official loader's rule: ``<parent folder>/<name up to its first dot>.pt``."""
+    path = PurePosixPath(image_path)
+    name = path.name.split(".")[0] + ".pt"
+    return f"{path.parent.name}/{name}" if path.parent.name else name
+
+
+def match_label_files(label_dir: Path, paths: np.ndarray) -> LabelFileMatch:
+    """Each image's label file among the ``.pt`` files under ``label_dir``: by its full relative
+    path first, else by the official rule. Refuses (ValueError) a file that the official rule
+    gives to more than one image: the labels of one would be read for the others."""
+    present = {p.relative_to(label_dir).as_posix() for p in label_dir.rglob("*.pt")}
+    files: list[str | None] = []
+    claimed: dict[str, str] = {}
+    full = official = 0
+    for image in paths:
+        by_path = label_file_for(image)
+        if by_path in present:
+            files.append(by_path)
+            full += 1
+            continue
+        by_rule = official_label_file_for(image)
+        if by_rule in present:
+            if by_rule in claimed:
+                raise ValueError(
+                    f"ambiguous label files: {label_dir / by_rule} matches both "
+                    f"{claimed[by_rule]!r} and {image!r} by the official rule (last two path "
+                    "components, the name up to its first dot); give each image its own file, "
+                    "mirroring the image tree")
+            claimed[by_rule] = str(image)
+            files.append(by_rule)
+            official += 1
+        else:
+            files.append(None)
+    used = {f for f in files if f is not None}
+    return LabelFileMatch(files, full, official, len(present - used))
 
 
 def read_label_file(path: Path, topk: int, grid: tuple[int, int], num_classes: int):
@@ -60,21 +114,23 @@ def read_label_file(path: Path, topk: int, grid: tuple[int, int], num_classes: i
     return logits, classes.astype(np.int64)
 
 
-def probe_layout(label_dir: Path, paths: np.ndarray) -> tuple[int, tuple[int, int]]:
-    """Top-K and grid from the first label file present."""
-    for p in paths:
-        f = label_dir / label_file_for(p)
-        if f.is_file():
-            try:
-                tensor = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"{f} is not a TokenLabeling label file: {e}") from None
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[0] != 2:
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
-                raise ValueError(f"{f}: {shape}, expected a tensor of shape [2, K, H, W]")
-            return int(tensor.shape[1]), (int(tensor.shape[2]), int(tensor.shape[3]))
-    raise FileNotFoundError(f"no label file under {label_dir} matches an image of the dataset "
-                            "(expected <image path without suffix>.pt)")
+def probe_layout(label_dir: Path, match: LabelFileMatch) -> tuple[int, tuple[int, int]]:
+    """Top-K and grid from the first label file matched."""
+    for rel in match.files:
+        if rel is None:
+            continue
+        f = label_dir / rel
+        try:
+            tensor = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{f} is not a TokenLabeling label file: {e}") from None
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[0] != 2:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
+            raise ValueError(f"{f}: {shape}, expected a tensor of shape [2, K, H, W]")
+        return int(tensor.shape[1]), (int(tensor.shape[2]), int(tensor.shape[3]))
+    raise FileNotFoundError(
+        f"no label file under {label_dir} matches an image of the dataset (expected <image path "
+        "without suffix>.pt, or <class folder>/<name up to its first dot>.pt)")
 
 
 def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_classes: int = 1000,
@@ -96,20 +152,27 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
         check_class_space(dataset, teacher)
     manifest = dataset.manifest()
     label_dir = Path(label_dir)
-    topk, grid = probe_layout(label_dir, manifest.path)
+    match = match_label_files(label_dir, manifest.path)
+    topk, grid = probe_layout(label_dir, match)
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=teacher, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
         shard_size=shard_size, chunk_size=chunk_size,
         extra={"source": "tokenlabeling-import", "import_dir": str(label_dir.resolve())}))
     todo = labelset.pending_shards()
-    report = ImportReport(labelset.id, shards_skipped=labelset.num_shards - len(todo))
+    report = ImportReport(labelset.id, shards_skipped=labelset.num_shards - len(todo),
+                          matched_full_path=match.full_path, matched_official=match.official,
+                          images_without_file=match.files.count(None),
+                          files_unmatched=match.unmatched_files)
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
             total=sum(e - s for s, e in map(labelset.shard_range, todo)), unit="img",
             disable=not progress) as bar:
         for shard in todo:
             block = labelset.empty_block(shard)
-            files = [label_dir / label_file_for(p) for p in manifest.path[block.start:block.stop]]
+            # an image without a file reads a path that does not exist: LABEL_FILE_MISSING
+            files = [label_dir / (rel or label_file_for(p)) for rel, p in
+                     zip(match.files[block.start:block.stop],
+                         manifest.path[block.start:block.stop], strict=True)]
             results = pool.map(lambda f: read_label_file(f, topk, grid, num_classes), files)
             for row, result in enumerate(results):
                 if isinstance(result, ImageStatus):

@@ -98,3 +98,51 @@ def test_import_refuses_non_finite_values(store: Store, images: Path, tmp_path: 
     labelset = store.labelset(report.labelset_id)
     assert labelset.attrs["chunk_size"] == 4  # a chunk size that divides the shard size
     assert (labelset.status()[:2] == ImageStatus.LABEL_FILE_INVALID).all()
+
+
+def test_official_file_rule_a_dataset_one_level_above_the_classes(store: Store, images: Path,
+                                                                   tmp_path: Path):
+    """Registered as ``train/<class>/<name>``, with dotted names: the official loader's rule
+    (``<class>/<name up to its first dot>.pt``) finds the files; the counts are reported."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    for image in sorted(images.rglob("*.jpg")):
+        target = tree / "train" / image.parent.name / image.name.replace(".jpg", ".v2.jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+    store.add_dataset("nested", tree)
+    labels = tmp_path / "labels"
+    written = write_tokenlabeling_files(images, labels, np.random.default_rng(1))
+    torch.save(written["circles/0001.jpg"], labels / "circles" / "orphan.pt")
+    (labels / "squares" / "0002.pt").unlink()
+
+    # one class folder ("train") as far as the dataset knows: the class check would refuse
+    report = import_tokenlabeling(store, "nested", labels, num_classes=3, shard_size=4,
+                                  ignore_dataset_classes=True, progress=False)
+    assert (report.matched_full_path, report.matched_official) == (0, 17)
+    assert (report.images_without_file, report.files_unmatched) == (1, 1)
+    assert report.images_imported == 17
+    assert report.images_failed == {ImageStatus.LABEL_FILE_MISSING: 1}
+    labelset = store.labelset(report.labelset_id)
+    paths = list(store.dataset("nested").manifest().path)
+    row = paths.index("train/stripes/0004.v2.jpg")
+    np.testing.assert_array_equal(labelset.read_image(row).logits[0],
+                                  written["stripes/0004.jpg"][0].numpy())
+
+
+def test_a_file_two_images_would_share_is_refused(store: Store, images: Path, tmp_path: Path):
+    import shutil
+
+    tree = tmp_path / "tree"
+    for split in ("a", "b"):  # a/circles/0000.jpg and b/circles/0000.jpg -> circles/0000.pt
+        for image in sorted(images.rglob("*.jpg")):
+            target = tree / split / image.parent.name / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target)
+    store.add_dataset("twice", tree)
+    labels = tmp_path / "labels"
+    write_tokenlabeling_files(images, labels, np.random.default_rng(2))
+    with pytest.raises(ValueError, match="ambiguous label files"):
+        import_tokenlabeling(store, "twice", labels, num_classes=3, ignore_dataset_classes=True,
+                             progress=False)
