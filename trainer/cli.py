@@ -51,6 +51,9 @@ def main() -> None:
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--gt-weight", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Blend the ground-truth class into the class target.")
+@click.option("--target-mode", type=click.Choice(["exact", "official"]), default="exact",
+              show_default=True, help="exact: RoIAlign the teacher's probabilities; official: "
+                                      "RoIAlign the scattered top-K logits, then softmax.")
 @click.option("--no-token-label", is_flag=True, help="Ground-truth class only (the baseline).")
 @click.option("--no-mix-token", is_flag=True)
 @click.option("--registers", type=click.IntRange(0), default=0, show_default=True)
@@ -76,7 +79,8 @@ def main() -> None:
 def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
           epochs: int, batch_size: int, lr: float, warmup_epochs: float, crop_scale: float,
           beta: float,
-          label_smoothing: float, gt_weight: float, no_token_label: bool, no_mix_token: bool,
+          label_smoothing: float, gt_weight: float, target_mode: str, no_token_label: bool,
+          no_mix_token: bool,
           registers: int, sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
           max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
           resume: bool, init: Path | None, progress: bool) -> None:
@@ -90,7 +94,7 @@ def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_
                          batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                          crop_scale=(crop_scale, 1.0), beta=beta,
                          label_smoothing=label_smoothing, gt_weight=gt_weight,
-                         token_label=not no_token_label,
+                         token_label=not no_token_label, target_mode=target_mode,
                          mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,
                          model_kwargs=kwargs, max_steps_per_epoch=max_steps_per_epoch,
                          save_every=save_every, val_permille=val_permille, progress=progress,

@@ -186,9 +186,17 @@ def image_box_to_grid(box: Sequence[float] | torch.Tensor,
     return CropBox(*(float(v) for v in out.tolist()))
 
 
+def scatter_logits(logits: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The official target build's first step: the top-K logits ``[B, K, H, W]`` scattered into
+    ``[B, C, H, W]`` float32 logits, 0 for every class that was not kept."""
+    b, _, h, w = logits.shape
+    out = torch.zeros(b, num_classes, h, w, device=logits.device, dtype=torch.float32)
+    return out.scatter_(1, classes.to(device=logits.device, dtype=torch.long), logits.float())
+
+
 def roi_align_labels(dense: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]],
                      output_size: tuple[int, int], flip: torch.Tensor | None = None,
-                     sampling_ratio: int = -1) -> torch.Tensor:
+                     sampling_ratio: int = -1, distributions: bool = True) -> torch.Tensor:
     """Crop dense label maps to boxes with RoIAlign, then mirror the flipped samples.
 
     Args:
@@ -198,6 +206,9 @@ def roi_align_labels(dense: torch.Tensor, boxes: torch.Tensor | Sequence[Sequenc
         output_size: ``(h, w)``: ``(1, 1)`` for the class-token target, ``(14, 14)`` for the
             patch-token targets of a 224 px / patch 16 model.
         flip: ``[B]`` bool, samples whose image was flipped horizontally after cropping.
+        distributions: ``dense`` holds distributions, and every output cell is renormalised to
+            sum to 1 (below); False for logits (the official target build), returned as
+            RoIAlign gives them.
         sampling_ratio: RoIAlign samples per bin and axis. The default -1 (adaptive) takes
             ``ceil(bin size in cells)``: a 1x1 class-token bin over a crop spanning n cells takes
             about n samples per axis, one per cell, so the crop-level target is the average over
@@ -237,6 +248,8 @@ def roi_align_labels(dense: torch.Tensor, boxes: torch.Tensor | Sequence[Sequenc
     if flip is not None:
         flip = torch.as_tensor(flip, device=dense.device, dtype=torch.bool)
         maps[flip] = maps[flip].flip(-1)
+    if not distributions:
+        return maps
     total = maps.sum(dim=1, keepdim=True)
     return torch.addcmul((total <= 0).to(maps.dtype) / c, maps, 1.0 / total.clamp(min=1e-12))
 

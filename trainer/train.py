@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from trainer.checkpoints import load_weights, read_checkpoint
 from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
-from trainer.labels import densify, roi_align_labels
+from trainer.labels import densify, roi_align_labels, scatter_logits
 from trainer.loss import class_target, ground_truth_loss, token_labeling_loss
 from trainer.models import create_model
 from trainer.models.mixtoken import box_area_fraction
@@ -55,6 +55,7 @@ class TrainConfig:
     gt_weight: float = 0.0  # class target: (1 - w) teacher's crop label + w ground truth
     label_smoothing: float = 0.0
     token_label: bool = True  # False: the ground-truth class only (the baseline)
+    target_mode: str = "exact"  # exact | official: how crop targets are built (train.targets)
     mix_token: bool = True
     ema: float = 0.0  # EMA decay; 0 is off
     workers: int = 4
@@ -95,14 +96,29 @@ def distributed() -> tuple[int, int, torch.device]:
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def targets(batch: dict, grid: tuple[int, int], num_classes: int,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-token target [B, C] and patch-token targets [B, N, C] for the crops in ``batch``."""
-    dense = densify(batch["logits"].to(device), batch["classes"].to(device),
-                    batch["lse"].to(device), num_classes)
+def targets(batch: dict, grid: tuple[int, int], num_classes: int, device: torch.device,
+            mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-token target [B, C] and patch-token targets [B, N, C] for the crops in ``batch``.
+
+    ``mode="exact"``: the teacher's per-cell probabilities (``densify``) are RoIAligned.
+    ``"official"``: as the public code builds them, the top-K logits scattered into all classes
+    with 0 elsewhere, RoIAligned as logits, then softmaxed (an implicit, confidence-dependent
+    smoothing; the two disagree where a crop mixes confident and unconfident cells).
+    """
     boxes, flip = batch["box"], batch["flip"].to(device)  # boxes: roi_align_labels moves them
-    tokens = roi_align_labels(dense, boxes, grid, flip)  # [B, C, h, w]
-    cls = roi_align_labels(dense, boxes, (1, 1), flip)[:, :, 0, 0]
+    if mode == "exact":
+        dense = densify(batch["logits"].to(device), batch["classes"].to(device),
+                        batch["lse"].to(device), num_classes)
+        tokens = roi_align_labels(dense, boxes, grid, flip)  # [B, C, h, w]
+        cls = roi_align_labels(dense, boxes, (1, 1), flip)[:, :, 0, 0]
+    elif mode == "official":
+        logits = scatter_logits(batch["logits"].to(device), batch["classes"].to(device),
+                                num_classes)
+        tokens = roi_align_labels(logits, boxes, grid, flip, distributions=False).softmax(1)
+        cls = roi_align_labels(logits, boxes, (1, 1), flip,
+                               distributions=False)[:, :, 0, 0].softmax(1)
+    else:
+        raise ValueError(f"target mode must be exact or official, got {mode!r}")
     return cls, tokens.flatten(2).transpose(1, 2)
 
 
@@ -114,7 +130,8 @@ def batch_loss(net: torch.nn.Module, grid: tuple[int, int], batch: dict, x: torc
         cls_logits, token_logits, mix_box = net(x)
     cls_logits, token_logits = cls_logits.float(), token_logits.float()
     if config.token_label:
-        cls_target, token_target = targets(batch, grid, num_classes, x.device)
+        cls_target, token_target = targets(batch, grid, num_classes, x.device,
+                                           config.target_mode)
         cls_target = class_target(cls_target, batch["target"], config.gt_weight)
     else:
         cls_target = F.one_hot(batch["target"].to(x.device), num_classes).float()

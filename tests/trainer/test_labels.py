@@ -365,3 +365,22 @@ def test_ground_truth_loss_is_smoothed_cross_entropy():
     assert soft.item() == pytest.approx(total.item(), rel=1e-6)
     total.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_official_targets_softmax_the_roi_aligned_scattered_logits():
+    """A 1 x 3 grid, C = 3, top-2: cell 0 says class 0 at logit 20, cells 1 and 2 class 1 at 5.
+    Over the whole image the official build averages logits, then softmaxes (class 0 wins);
+    the exact build averages probabilities (class 1 holds two thirds of the mass and wins)."""
+    from trainer.train import targets
+
+    logits = torch.tensor([[[[20.0, 5.0, 5.0]], [[0.0, 0.0, 0.0]]]])  # [1, K=2, 1, 3]
+    classes = torch.tensor([[[[0, 1, 1]], [[1, 2, 2]]]])
+    batch = {"logits": logits, "classes": classes, "lse": torch.full((1, 1, 3), float("nan")),
+             "box": torch.tensor([[0.0, 0.0, 3.0, 1.0]]), "flip": torch.tensor([False])}
+    cls_official, tokens_official = targets(batch, (1, 3), 3, torch.device("cpu"), "official")
+    mean_logits = torch.tensor([20.0, 10.0, 0.0]) / 3  # class 2's kept logit 0 equals the fill
+    torch.testing.assert_close(cls_official[0], mean_logits.softmax(0))
+    cls_exact, _ = targets(batch, (1, 3), 3, torch.device("cpu"), "exact")
+    assert int(cls_official[0].argmax()) == 0 and int(cls_exact[0].argmax()) == 1
+    # per token (one cell each) both are the softmax of that cell's scattered logits
+    torch.testing.assert_close(tokens_official[0, 1], torch.tensor([0.0, 5.0, 0.0]).softmax(0))
