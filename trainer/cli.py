@@ -74,32 +74,40 @@ def main() -> None:
               default=None, help="Fine-tune from these weights: an official LV-ViT checkpoint, "
                                  "one of ours, or a state dict (new heads if the class count "
                                  "differs; position embedding resampled to --input-size).")
+@click.option("--rand-augment/--no-rand-augment", default=False, show_default=True,
+              help="rand-m9-mstd0.5-inc1; its geometric ops move the token labels too.")
+@click.option("--random-erase", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Probability of erasing a rectangle of pixels (labels unchanged).")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--clip-grad", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Gradient-norm clipping (0: none).")
+@click.option("--recipe", type=click.Choice(["lvvit"]), default=None,
+              help="A published recipe's settings for every option not given (README).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
-def train(store: str, dataset: str, labelset: str, model: str, out: Path, input_size: int,
-          epochs: int, batch_size: int, lr: float, warmup_epochs: float, crop_scale: float,
-          beta: float,
-          label_smoothing: float, gt_weight: float, target_mode: str, no_token_label: bool,
-          no_mix_token: bool,
-          registers: int, sta: bool, anf: bool, ema: float, workers: int, model_kwargs: str,
-          max_steps_per_epoch: int | None, save_every: int, seed: int, val_permille: int,
-          resume: bool, init: Path | None, progress: bool) -> None:
+def train(**options) -> None:
     """Train MODEL on DATASET's images and the token labels of label set LABELS."""
-    from trainer.train import TrainConfig
+    from trainer.train import TrainConfig, recipe_settings
     from trainer.train import train as run
 
-    kwargs = {"registers": registers, "sta": sta, "anf": anf, **json.loads(model_kwargs)}
-    config = TrainConfig(store=store, dataset=dataset, labels=labelset, out=str(out),
-                         model=model, input_size=input_size, epochs=epochs,
-                         batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
-                         crop_scale=(crop_scale, 1.0), beta=beta,
-                         label_smoothing=label_smoothing, gt_weight=gt_weight,
-                         token_label=not no_token_label, target_mode=target_mode,
-                         mix_token=not no_mix_token, ema=ema, workers=workers, seed=seed,
-                         model_kwargs=kwargs, max_steps_per_epoch=max_steps_per_epoch,
-                         save_every=save_every, val_permille=val_permille, progress=progress,
-                         init=str(init) if init else None)
-    last = run(config, resume=resume)
+    options["model_kwargs"] = {"registers": options.pop("registers"),
+                               "sta": options.pop("sta"), "anf": options.pop("anf"),
+                               **json.loads(options["model_kwargs"])}
+    options["crop_scale"] = (options["crop_scale"], 1.0)
+    options["token_label"] = not options.pop("no_token_label")
+    options["mix_token"] = not options.pop("no_mix_token")
+    options["labels"] = options.pop("labelset")
+    options["out"] = str(options["out"])
+    options["init"] = str(options["init"]) if options["init"] else None
+    resume, recipe = options.pop("resume"), options.pop("recipe")
+    if recipe:
+        context = click.get_current_context()
+        for name, value in recipe_settings(recipe, options["model"]).items():
+            if name == "drop_path":
+                options["model_kwargs"].setdefault("drop_path", value)
+            elif context.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+                options[name] = value
+    last = run(TrainConfig(**options), resume=resume)
     click.echo(json.dumps(last))
 
 

@@ -158,3 +158,14 @@ def test_centre_cropped_labels_map_boxes_through_their_square(labeled):
     x1, y1, x2, y2 = stream.to_grid(0, (0, 0, width, height))
     reach_x, reach_y = (width - side) / side, (height - side) / side  # grid cells, both sides
     assert (x1, y1, x2, y2) == pytest.approx((-reach_x, -reach_y, 2 + reach_x, 2 + reach_y))
+
+
+def test_rand_augment_draws_replay_with_the_seed(labeled):
+    from trainer.augment import RandAugmentConfig
+
+    augmented = config(labeled, rand_augment=RandAugmentConfig(prob=1.0), random_erase=0.5)
+    first = [(s["index"], s["theta"], s["image"]) for s in TokenLabelStream(augmented)]
+    again = [(s["index"], s["theta"], s["image"]) for s in TokenLabelStream(augmented)]
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+               for a, b in zip(first, again, strict=True))
+    assert sum(not torch.equal(t, torch.eye(3)[:2]) for _, t, _ in first) > len(first) // 3

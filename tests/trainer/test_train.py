@@ -163,3 +163,21 @@ def test_fine_tuning_from_the_official_checkpoint(labeled, tmp_path):
         "lvvit_s", "--input-size", "32", "--init", str(official), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "do not fit" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_lvvit_recipe_trains_and_explicit_options_win(labeled, tmp_path):
+    store, labels = labeled
+    result = CliRunner().invoke(main, [
+        "train", "--store", str(store), "--dataset", "toy", "--labels", labels, "--model",
+        "lvvit_t", "--model-kwargs", json.dumps({"depth": 2, "embed_dim": 48, "num_heads": 2,
+                                                 "stem_channels": 16}),
+        "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+        "--max-steps-per-epoch", "3", "--val-permille", "0", "--recipe", "lvvit",
+        "--beta", "0.5", "--out", str(tmp_path), "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = torch.load(tmp_path / "last.pt", weights_only=False)["config"]
+    assert config["rand_augment"] and config["random_erase"] == 0.25
+    assert config["target_mode"] == "official" and config["ema"] == 0.99992
+    assert config["clip_grad"] == 0.0 and config["label_smoothing"] == 0.1
+    assert config["model_kwargs"]["drop_path"] == 0.1
+    assert config["beta"] == 0.5  # given on the command line: the recipe does not override it

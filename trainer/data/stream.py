@@ -28,7 +28,16 @@ from torchvision.transforms.v2 import functional as TF
 from labeler_service.images import to_rgb
 from storage import ImageStatus, LabelSet, Store, StoreError
 from storage.splits import held_out
+from trainer.augment import (
+    RandAugmentConfig,
+    augment_image,
+    erase,
+    sample_erase,
+    sample_rand_augment,
+)
 from trainer.labels import image_box_to_grid, sample_crop
+
+IDENTITY_THETA = torch.eye(3)[:2]
 
 
 class FingerprintMismatch(StoreError):
@@ -49,6 +58,8 @@ class StreamConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.4  # brightness, contrast, saturation in [1 - j, 1 + j]; 0 is off
+    rand_augment: RandAugmentConfig | None = None  # geometric ops move the labels (theta)
+    random_erase: float = 0.0  # probability of erasing a rectangle (pixels only)
 
 
 @dataclass
@@ -163,6 +174,7 @@ class TokenLabelStream(IterableDataset):
             # drawn for skipped samples too, so a resumed stream draws the same boxes after them
             box, flip = self.sample_box(index, generator)
             colour = self.sample_colour(generator)
+            augmentation, erase_box = self.sample_recipe(generator)
             if seq < skip:
                 continue
             shard = index // self.shard_size
@@ -172,8 +184,14 @@ class TokenLabelStream(IterableDataset):
                 blocks[shard] = self._labelset.read_shard(shard)
             block = blocks[shard]
             row = index - block.start
+            image = self.load_image(index, box, flip, colour)
+            if augmentation is not None:
+                image = augment_image(image, augmentation, self.config.rand_augment)
+            if erase_box is not None:
+                image = erase(image, erase_box)
             yield {
-                "image": self.load_image(index, box, flip, colour),
+                "image": image,
+                "theta": IDENTITY_THETA if augmentation is None else augmentation.theta,
                 "logits": torch.from_numpy(block.logits[row].astype(np.float32)),
                 "classes": torch.from_numpy(block.classes[row].astype(np.int64)),
                 "lse": torch.from_numpy(block.lse[row]),
@@ -203,6 +221,16 @@ class TokenLabelStream(IterableDataset):
             return None
         factors = 1 - jitter + 2 * jitter * torch.rand(3, generator=generator)
         return tuple(factors.tolist())
+
+    def sample_recipe(self, generator: torch.Generator):
+        """RandAugment's draws and random erasing's rectangle, for training (else None, None)."""
+        if not (self.config.augment and self.config.split == "train"):
+            return None, None
+        augmentation = (sample_rand_augment(self.config.rand_augment, generator)
+                        if self.config.rand_augment else None)
+        erase_box = (sample_erase(self.config.image_size, self.config.random_erase, generator)
+                     if self.config.random_erase else None)
+        return augmentation, erase_box
 
     def to_grid(self, index: int, box: tuple) -> tuple[float, ...]:
         """A box in image pixels to label-grid coordinates, through the label set's recorded
