@@ -12,8 +12,8 @@ student holds out both (``--val-permille 300``). ``--tune`` picks the learning r
 validation split, for every arm alike (the mean of arms 1 and 3); the report's numbers are on the
 test split only.
 
-    python benchmarks/study.py --dir /tmp/study                # the full CPU study (~80 min, 2 cores)
-    python benchmarks/study.py --dir /tmp/study --quick        # 1 seed, a few steps: a smoke test
+    python benchmarks/study.py --dir /tmp/study             # the full CPU study (~80 min, 2 cores)
+    python benchmarks/study.py --dir /tmp/study --quick     # 1 seed, a few steps: a smoke test
     python benchmarks/study.py --dir /data/study --device cuda --scale gpu
 
 Each run's metrics go to ``DIR/runs/ARM-sSEED.json``; a run whose file exists is not run again,

@@ -76,6 +76,8 @@ def main() -> None:
                                  "differs; position embedding resampled to --input-size).")
 @click.option("--rand-augment/--no-rand-augment", default=False, show_default=True,
               help="rand-m9-mstd0.5-inc1; its geometric ops move the token labels too.")
+@click.option("--color-jitter", type=click.FloatRange(0), default=0.4, show_default=True,
+              help="Brightness, contrast and saturation in [1 - j, 1 + j] (0: off).")
 @click.option("--random-erase", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Probability of erasing a rectangle of pixels (labels unchanged).")
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)

@@ -65,6 +65,7 @@ class TrainConfig:
     augment: bool = True  # RandomResizedCrop + flip
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     rand_augment: bool = False  # rand-m9-mstd0.5-inc1, labels moved with the pixels
+    color_jitter: float = 0.4  # brightness, contrast, saturation (timm: off with RandAugment)
     random_erase: float = 0.0
     model_kwargs: dict = field(default_factory=dict)  # registers, sta, anf, ...
     init: str | None = None  # fine-tune from these weights (any trainer.checkpoints kind)
@@ -76,9 +77,9 @@ class TrainConfig:
 # The published LV-ViT training recipe (docs/trainer.md lists what still differs). Drop-path by
 # variant: S 0.1 and M 0.2 as the official commands; T 0.1 and L 0.3 not confirmed here.
 RECIPES: dict[str, dict] = {
-    "lvvit": {"rand_augment": True, "random_erase": 0.25, "ema": 0.99992, "clip_grad": 0.0,
-              "beta": 1.0, "label_smoothing": 0.1, "target_mode": "official", "lr": 1.6e-3,
-              "weight_decay": 0.05, "warmup_epochs": 5.0, "crop_scale": (0.08, 1.0)},
+    "lvvit": {"rand_augment": True, "color_jitter": 0.0, "random_erase": 0.25, "ema": 0.99992,
+              "clip_grad": 0.0, "beta": 1.0, "label_smoothing": 0.1, "target_mode": "official",
+              "lr": 1.6e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "crop_scale": (0.08, 1.0)},
 }
 RECIPE_DROP_PATH = {"lvvit_t": 0.1, "lvvit_s": 0.1, "lvvit_m": 0.2, "lvvit_l": 0.3}
 
@@ -214,7 +215,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                                  seed=config.seed, val_permille=config.val_permille,
                                  augment=config.augment, crop_scale=tuple(config.crop_scale),
                                  rand_augment=RandAugmentConfig() if config.rand_augment else None,
-                                 random_erase=config.random_erase)
+                                 random_erase=config.random_erase,
+                                 color_jitter=config.color_jitter)
     stream = TokenLabelStream(stream_config, rank=rank, world_size=world)
     num_classes = stream.num_classes
 

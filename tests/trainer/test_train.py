@@ -177,6 +177,7 @@ def test_the_lvvit_recipe_trains_and_explicit_options_win(labeled, tmp_path):
     assert result.exit_code == 0, result.output
     config = torch.load(tmp_path / "last.pt", weights_only=False)["config"]
     assert config["rand_augment"] and config["random_erase"] == 0.25
+    assert config["color_jitter"] == 0.0
     assert config["target_mode"] == "official" and config["ema"] == 0.99992
     assert config["clip_grad"] == 0.0 and config["label_smoothing"] == 0.1
     assert config["model_kwargs"]["drop_path"] == 0.1
