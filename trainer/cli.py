@@ -171,3 +171,6 @@ def models() -> None:
         with torch.device("meta"):
             count = sum(p.numel() for p in create_model(name).parameters())
         click.echo(f"{name}\t{count / 1e6:.2f}M")
+    from trainer.models.timm_models import SUPPORTED
+
+    click.echo(f"timm:NAME\tany of {SUPPORTED}, e.g. timm:deit_small_patch16_224")

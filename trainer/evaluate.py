@@ -34,7 +34,7 @@ def evaluate(checkpoint: Path, store: str, dataset: str, labels: str, batch_size
     """Top-1/top-5 of the model's inference score against the dataset's classes, held-out split."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(checkpoint, device)
-    size = model.config.img_size if hasattr(model, "config") else 224
+    size = model.img_size
     stream = TokenLabelStream(StreamConfig(store=store, dataset=dataset, labelset=labels,
                                            image_size=size, split="val", augment=False,
                                            val_permille=val_permille))
@@ -103,7 +103,7 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
     model = load_checkpoint(checkpoint, device)
     ds = Store.open(store, mode="r").dataset(dataset)
     root, paths = Path(ds.source_root), ds.manifest().path
-    size = model.config.img_size
+    size = model.img_size
     pixels = []
     for p in paths:
         if len(pixels) == images:

@@ -27,11 +27,17 @@ def register_model(fn: ModelFn) -> ModelFn:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Build the registered variant ``name`` with config overrides."""
+    """Build the registered variant ``name`` with config overrides; ``timm:NAME`` builds timm
+    model NAME for token labeling (:mod:`trainer.models.timm_models`)."""
+    if name.startswith("timm:"):
+        from trainer.models.timm_models import create_timm_model
+
+        return create_timm_model(name.removeprefix("timm:"), **overrides)
     try:
         fn = _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}, or "
+                         "timm:NAME for a timm ViT-family or VOLO model") from None
     return fn(**overrides)
 
 

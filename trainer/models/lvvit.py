@@ -206,6 +206,11 @@ class LVViT(nn.Module):
         for anf in self.anf.values():
             anf.init_weights()
 
+    @property
+    def img_size(self) -> int | tuple[int, int]:
+        """The training input size (what evaluation resizes images to)."""
+        return self.config.img_size
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay."""
         return {"pos_embed", "cls_token", "reg_token"}
