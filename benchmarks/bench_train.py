@@ -16,7 +16,7 @@
    RoIAlign to the token grid and to 1x1 + flip) and ``token_labeling_loss``, without them
    (``--no-token-label``) ``F.one_hot(target)`` and ``ground_truth_loss``; the MixToken area
    mix of the class target, ``zero_grad``, ``backward``, ``clip_grad_norm_`` (1.0), AdamW
-   ``step`` (decay / no-decay groups as in ``train``), ``loss.item()`` and ``float(grad_norm)``
+   ``step`` (``param_groups``, as in ``train``), ``loss.item()`` and ``float(grad_norm)``
    (the metrics line). The model comes from ``create_model`` with the same seed for every
    variant. On CUDA as ``train`` runs it: channels_last, bf16 autocast, pinned batches, plus
    ``torch.cuda.synchronize()`` before every clock read.
@@ -90,6 +90,7 @@ from torch.utils.data import DataLoader
 from labeler_service.labeling import LabelingOptions, label_dataset
 from labeler_service.sample import make_random_checkpoint
 from storage import Store
+from trainer.augment import RandAugmentConfig
 from trainer.data.stream import StreamConfig, TokenLabelStream
 from trainer.labels import densify, image_box_to_grid, roi_align_labels, sample_crop
 from trainer.loss import ground_truth_loss, token_labeling_loss
@@ -101,6 +102,8 @@ from trainer.train import (
     TrainConfig,
     batch_loss,
     lr_at,
+    param_groups,
+    recipe_settings,
     targets,
 )
 
@@ -170,12 +173,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.net = model, ForwardTrain(model)
         self.base_lr = config.lr * config.batch_size / 1024
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1
-                                                                   and "pos_embed" not in n)]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=self.base_lr)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
+                                           lr=self.base_lr)
         self.steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
@@ -353,10 +352,13 @@ def time_loader(args, base: Path, device: torch.device, synthetic: dict) -> dict
     if report.images_labeled != args.loader_images:
         raise RuntimeError(f"labeled {report.images_labeled} of {args.loader_images} images: "
                            f"{report.failures[:3]}")
-    stream = TokenLabelStream(StreamConfig(store=str(base / "store"), dataset=DATASET,
-                                           labelset=report.labelset_id,
-                                           image_size=args.input_size, seed=args.seed,
-                                           val_permille=0))
+    recipe = recipe_settings(args.recipe, args.model) if args.recipe else {}
+    stream = TokenLabelStream(StreamConfig(
+        store=str(base / "store"), dataset=DATASET, labelset=report.labelset_id,
+        image_size=args.input_size, seed=args.seed, val_permille=0,
+        rand_augment=RandAugmentConfig() if recipe.get("rand_augment") else None,
+        random_erase=recipe.get("random_erase", 0.0),
+        color_jitter=recipe.get("color_jitter", StreamConfig.color_jitter)))
     out = {"images": len(stream), "mean_jpeg_bytes": mean_bytes, "grid": list(stream.grid),
            "label_size": args.label_size, "shard_size": args.loader_shard_size,
            "setup_s": t1 - t0, "label_s": label_s, "runs": []}
@@ -546,6 +548,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="lvvit_t", help="a trainer.models name")
+    p.add_argument("--recipe", choices=["lvvit"], default=None,
+                   help="the loader with this recipe's augmentation (RandAugment moving the "
+                        "labels, random erasing, no colour jitter)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
