@@ -52,7 +52,6 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from labeler_service.images import decode_image
 from labeler_service.labeling import (
     AUTOCAST_DTYPES,
     LabelingOptions,
@@ -62,6 +61,7 @@ from labeler_service.labeling import (
 from labeler_service.sample import SAMPLE_CLASSES, draw_sample, make_random_checkpoint
 from labeler_service.teacher import build_teacher
 from storage import Store
+from storage.images import decode_image
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
 from storage.manifest import list_image_files
 

@@ -34,11 +34,11 @@ import numpy as np
 import timm
 import torch
 
-from labeler_service.images import decode_image
 from labeler_service.sample import make_random_checkpoint
 from labeler_service.scenes import make_scenes
 from labeler_service.teacher_fit import FitOptions, fit_teacher
 from storage import Store
+from storage.images import decode_image
 
 
 def parse_args() -> argparse.Namespace:

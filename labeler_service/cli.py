@@ -132,8 +132,8 @@ def label(dataset: str, model: str, checkpoint: Path | None, random_weights: boo
           max_pixels: int | None, ignore_dataset_classes: bool, retry_failed: bool,
           progress: bool) -> None:
     """Label DATASET with a dense teacher, in this process (resumable)."""
-    from labeler_service.images import DEFAULT_MAX_PIXELS
     from labeler_service.labeling import LabelingOptions, label_dataset, parse_part
+    from storage.images import DEFAULT_MAX_PIXELS
 
     if (checkpoint is None) == (not random_weights):
         raise click.UsageError("give exactly one of --checkpoint FILE and --random-weights")

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from labeler_service.images import to_rgb
 from storage import LabelBlock, TeacherSpec
+from storage.images import to_rgb
 
 MAX_SIDE = 512
 LEGEND_ROWS = 5

@@ -22,13 +22,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from labeler_service.images import (
-    DEFAULT_MAX_PIXELS,
-    DecodingProcessDied,
-    ImageRejected,
-    decode_image,
-    read_image_bytes,
-)
 from labeler_service.teacher import DenseTeacher, build_teacher, fit_summary, label_space_problem
 from storage import Dataset as StoreDataset
 from storage import (
@@ -39,6 +32,13 @@ from storage import (
     Store,
     TeacherSpec,
     class_dtype,
+)
+from storage.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodingProcessDied,
+    ImageRejected,
+    decode_image,
+    read_image_bytes,
 )
 from storage.labelset import DEFAULT_SHARD_SIZE
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import redis
 from celery import Celery, signals
 
-from labeler_service.images import DecodingProcessDied
 from labeler_service.settings import Settings, get_settings
+from storage.images import DecodingProcessDied
 
 log = logging.getLogger(__name__)
 QUEUE = "labeling"

@@ -42,13 +42,6 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
-from labeler_service.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageRejected,
-    decode_image,
-    open_rgb,
-    read_image_bytes,
-)
 from labeler_service.labeling import AUTOCAST_DTYPES, default_workers, to_model_input
 from labeler_service.teacher import (
     FITTED_FORMAT,
@@ -60,6 +53,13 @@ from labeler_service.teacher import (
 )
 from storage import Store
 from storage.dataset import Dataset as StoreDataset
+from storage.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    decode_image,
+    open_rgb,
+    read_image_bytes,
+)
 from storage.splits import held_out
 from storage.store import code_version
 

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from labeler_service.images import (
+from labeler_service.labeling import LabelingOptions, label_dataset
+from storage import ImageStatus, Store, scan_image_folder
+from storage.images import (
     DEFAULT_MAX_PIXELS,
     ImageRejected,
     decode_image,
     read_image_bytes,
     to_rgb,
 )
-from labeler_service.labeling import LabelingOptions, label_dataset
-from storage import ImageStatus, Store, scan_image_folder
 
 SIZE = 16  # decode size for the unit tests
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from labeler_service.images import decode_image
 from labeler_service.labeling import LabelingOptions, LabelSpaceMismatch, label_dataset
 from labeler_service.sample import make_random_checkpoint, make_sample_images
 from labeler_service.teacher import build_teacher
 from storage import ARRAY_NAMES, ImageStatus, Store
+from storage.images import decode_image
 
 OPTIONS = LabelingOptions(batch_size=4, num_workers=0, progress=False, shard_size=4,
                           chunk_size=2)
@@ -185,8 +185,8 @@ def test_one_decoder_serves_many_calls_with_the_same_processes(
     that started its own decoding processes."""
     import multiprocessing
 
-    from labeler_service.images import DecodingProcessDied
     from labeler_service.labeling import ImageDecoder, TeacherRunner, label_shards
+    from storage.images import DecodingProcessDied
 
     options = dataclasses.replace(OPTIONS, num_workers=2, batch_size=2)
     dataset, _ = store.add_dataset("toy", images)

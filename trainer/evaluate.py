@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from labeler_service.images import ImageRejected, decode_image
 from storage import Store
+from storage.images import ImageRejected, decode_image
 from trainer.checkpoints import build_model, read_checkpoint
 from trainer.data.stream import StreamConfig, TokenLabelStream
 from trainer.train import IMAGENET_MEAN, IMAGENET_STD

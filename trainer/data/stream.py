@@ -25,8 +25,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
-from labeler_service.images import to_rgb
 from storage import ImageStatus, LabelSet, Store, StoreError
+from storage.images import to_rgb
 from storage.splits import held_out
 from trainer.augment import (
     RandAugmentConfig,

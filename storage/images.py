@@ -1,4 +1,6 @@
-"""Decoding images for the teacher: any file a user may have, to an RGB uint8 array, or a status.
+"""Decoding images (for the teacher, the trainer and the pictures): any file a user may have, to
+an RGB uint8 array, or a status. It lives with the store because both the labeling service and
+the trainer read images, and neither imports the other.
 
 Every way an image can fail maps to an ``ImageStatus`` with a reason, so one bad file costs one
 image, never the job. Valid but unusual images (grayscale, CMYK, RGBA, 16-bit, palette, animated,
