@@ -24,12 +24,6 @@ from torch import nn
 
 from storage import Dataset, TeacherSpec
 
-# The NFNet family the project defaults to; any timm model with an avg-pool + linear head works.
-NFNET_MODELS = ("dm_nfnet_f0", "dm_nfnet_f1", "dm_nfnet_f2", "dm_nfnet_f3", "dm_nfnet_f4",
-                "dm_nfnet_f5", "dm_nfnet_f6", "nfnet_l0", "eca_nfnet_l0", "eca_nfnet_l1",
-                "eca_nfnet_l2", "test_nfnet")
-
-
 # The metadata ``labeler teacher fit`` writes into its .safetensors checkpoints.
 FITTED_FORMAT = "tokenlabel-teacher"
 FITTED_FORMAT_VERSION = 1

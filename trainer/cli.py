@@ -118,14 +118,22 @@ def train(**options) -> None:
 @click.option("--dataset", required=True)
 @click.option("--labels", "labelset", required=True)
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--val-permille", type=click.IntRange(1, 1000), default=20, show_default=True,
-              help="The held-out share used in training (per mille).")
+@click.option("--val-permille", type=click.IntRange(1, 1000), default=None,
+              help="The held-out share, per mille (default: what the run held out).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @user_errors
-def evaluate_cmd(store: str, dataset: str, labelset: str, checkpoint: Path, val_permille: int,
-                 batch_size: int) -> None:
+def evaluate_cmd(store: str, dataset: str, labelset: str, checkpoint: Path,
+                 val_permille: int | None, batch_size: int) -> None:
     """Top-1/top-5 on the held-out split."""
+    from trainer.checkpoints import read_checkpoint
     from trainer.evaluate import evaluate
+
+    if val_permille is None:
+        trained = read_checkpoint(checkpoint).extra.get("val_permille")
+        if not trained:
+            raise click.ClickException(
+                f"{checkpoint} does not say what its run held out: pass --val-permille")
+        val_permille = int(trained)
 
     click.echo(json.dumps(evaluate(checkpoint, store, dataset, labelset, batch_size=batch_size,
                                    val_permille=val_permille)))

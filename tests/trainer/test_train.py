@@ -114,6 +114,15 @@ def test_trainer_cli_train_resume_eval_artifacts(labeled, tmp_path):
                                   "--val-permille", "300"], catch_exceptions=False)
     scores = json.loads(result.output)
     assert scores["images"] > 0 and 0 <= scores["top1"] <= scores["top5"] <= 1
+    # without --val-permille, eval scores what the run held out
+    result = runner.invoke(main, ["eval", *common, "--checkpoint", str(tmp_path / "last.pt")],
+                           catch_exceptions=False)
+    assert json.loads(result.output) == scores
+    # a held-out split with no image: one line, exit 1
+    result = runner.invoke(main, ["eval", *common, "--checkpoint", str(tmp_path / "last.pt"),
+                                  "--val-permille", "1"])
+    assert result.exit_code == 1 and "held-out split has no image" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
     result = runner.invoke(main, ["artifacts", str(tmp_path / "last.pt"), "--store", str(store),
                                   "--dataset", "toy", "--images", "8"], catch_exceptions=False)
