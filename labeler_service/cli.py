@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from labeler_service.settings import INPUT_SIZE_MAX, INPUT_SIZE_MIN
 from storage import Store, StoreError
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
 
@@ -96,7 +97,7 @@ def datasets_list(store_location: str) -> None:
                    "--random-weights.")
 @click.option("--random-weights", is_flag=True,
               help="No checkpoint: random weights (speed tests only; labels are meaningless).")
-@click.option("--input-size", type=click.IntRange(32, 2048), required=True,
+@click.option("--input-size", type=click.IntRange(INPUT_SIZE_MIN, INPUT_SIZE_MAX), required=True,
               help="The whole image is resized to this square size.")
 @click.option("--topk", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default=None,
@@ -180,7 +181,7 @@ def teacher() -> None:
 @click.option("--model", required=True,
               help="timm model whose head is global average pool + linear, e.g. dm_nfnet_f0, "
                    "test_nfnet.")
-@click.option("--input-size", type=click.IntRange(32, 2048), required=True,
+@click.option("--input-size", type=click.IntRange(INPUT_SIZE_MIN, INPUT_SIZE_MAX), required=True,
               help="Training input size (a multiple of the model's stride).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The teacher, .safetensors; its JSON report goes beside it (.json).")

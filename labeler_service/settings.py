@@ -8,6 +8,9 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Teacher input sizes a request or a command may ask for, in px (the REST schema and the CLI).
+INPUT_SIZE_MIN, INPUT_SIZE_MAX = 32, 2048
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LABELER_", extra="ignore")

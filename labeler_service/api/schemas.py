@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from labeler_service.jobs import Job
+from labeler_service.settings import INPUT_SIZE_MAX, INPUT_SIZE_MIN
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -59,7 +60,7 @@ class TeacherRequest(Request):
     model: str = Field(pattern=r"^[a-z0-9_.]{1,64}$", examples=["dm_nfnet_f6"])
     checkpoint: str = Field(min_length=1, max_length=4096, examples=["dm_nfnet_f6.safetensors"],
                             description="File relative to the server's checkpoint root.")
-    input_size: int = Field(ge=32, le=2048, examples=[576])
+    input_size: int = Field(ge=INPUT_SIZE_MIN, le=INPUT_SIZE_MAX, examples=[576])
 
 
 class JobCreate(Request):

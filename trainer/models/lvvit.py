@@ -69,7 +69,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from trainer.models import register_model
+from trainer.models._registry import register_model
 from trainer.models.layers import (
     AdaptiveNoiseFilter,
     Block,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.models import register_model
+from trainer.models._registry import register_model
 from trainer.models.lvvit import LVViT, LVViTConfig
 
 
