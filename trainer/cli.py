@@ -24,6 +24,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (CheckpointError, StoreError, ValueError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from None
+        except KeyError as e:  # the store's "no dataset / label set ..." lookups
+            raise click.ClickException(e.args[0] if e.args else str(e)) from None
     return wrapper
 
 
