@@ -195,7 +195,9 @@ def forward_all(model: torch.nn.Module, images: EvalImages, batch: int = 128) ->
         pre = model.forward_features(x, pre_norm=True)
         post = model.norm(pre)
         cls_logits, token_logits = model.forward_head(post)
-        out["score"].append(model(x).cpu())
+        # the inference score, as model(x) computes it, without a second forward pass
+        score = cls_logits + model.config.token_score_weight * token_logits.amax(dim=1)
+        out["score"].append(score.cpu())
         out["cls"].append(cls_logits.cpu())
         out["token"].append(token_logits.cpu())
         out["pre"].append(pre[:, prefix:].cpu())

@@ -30,6 +30,7 @@ COLOUR_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "So
               "Color", "Contrast", "Brightness", "Sharpness")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 OPS = COLOUR_OPS + GEOMETRIC_OPS
+IDENTITY_THETA = torch.eye(3)[:2]  # no geometric op: [2, 3], output -> input
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def augment_image(pixels: torch.Tensor, augmentation: Augmentation,
     """uint8 ``[3, H, W]``: the colour ops in order, then one warp by the geometric map."""
     for op, level in augmentation.colour:
         pixels = apply_colour(pixels, op, level)
-    if torch.equal(augmentation.theta, torch.eye(3)[:2]):
+    if torch.equal(augmentation.theta, IDENTITY_THETA):
         return pixels
     warped = warp_maps(pixels[None].float(), augmentation.theta[None],
                        torch.tensor(config.fill, dtype=torch.float32))[0]

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trainer.augment import RandAugmentConfig, warp_maps
+from trainer.augment import IDENTITY_THETA, RandAugmentConfig, warp_maps
 from trainer.checkpoints import load_weights, read_checkpoint
-from trainer.data.stream import IDENTITY_THETA, StreamConfig, StreamPosition, TokenLabelStream
+from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
 from trainer.labels import densify, roi_align_labels, scatter_logits
 from trainer.loss import class_target, ground_truth_loss, token_labeling_loss
 from trainer.models import create_model

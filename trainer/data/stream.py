@@ -29,6 +29,7 @@ from storage import ImageStatus, LabelSet, Store, StoreError
 from storage.images import to_rgb
 from storage.splits import held_out
 from trainer.augment import (
+    IDENTITY_THETA,
     RandAugmentConfig,
     augment_image,
     erase,
@@ -36,8 +37,6 @@ from trainer.augment import (
     sample_rand_augment,
 )
 from trainer.labels import image_box_to_grid, sample_crop
-
-IDENTITY_THETA = torch.eye(3)[:2]
 
 
 class FingerprintMismatch(StoreError):
