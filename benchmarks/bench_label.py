@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from labeler_service.labeling import (
     AUTOCAST_DTYPES,
     LabelingOptions,
+    ModelInput,
     default_workers,
     label_dataset,
 )
@@ -128,7 +129,6 @@ class BareForward:
         self.teacher, self.spec, self.grid = build_teacher(args.model, checkpoint,
                                                            args.input_size, self.device)
         cuda = self.device.type == "cuda"
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         if cuda:
             self.teacher.to(memory_format=torch.channels_last)
             # As TeacherRunner does; a process-wide flag, so the job's passes get it as well.
@@ -146,13 +146,11 @@ class BareForward:
             decoded = dict(zip(needed, pool.map(
                 lambda i: decode_image(files[i].read_bytes(), size, self.spec.interpolation),
                 needed), strict=True))
-        mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+        model_input = ModelInput(self.spec.mean, self.spec.std, self.device)  # as the job's
         self.pool = []
         for b in self.batches[:self.distinct]:
             pixels = np.stack([decoded[(b[0] + k) % n] for k in range(batch)])
-            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
-            self.pool.append(((x - mean) / std).contiguous(memory_format=self.memory_format))
+            self.pool.append(model_input(torch.from_numpy(pixels)))
         del decoded
 
     def inputs(self, t: int) -> torch.Tensor:

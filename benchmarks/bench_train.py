@@ -10,19 +10,24 @@
    does), ``flip`` bool [B], ``target`` int64 [B]. Default label geometry: K = 5, 1000 classes,
    a 14x14 grid (a stride-32 teacher at 448 px); ``--label-grid 18`` for an NFNet-F6 at 576 px.
 
-   One step is the body of ``trainer.train.train``'s loop, line for line: ``lr_at``, the uint8
-   batch to the device and normalised, ``ForwardTrain(model)`` (``forward_train``: MixToken on
-   by default, as in training), then with token labels ``trainer.train.targets`` (densify +
+   One step is ``trainer.train.TrainStep``, the object ``train``'s loop calls, built as
+   ``train`` builds it (``create_model`` with the same seed for every variant,
+   ``build_optimizer``, ``build_ema``): ``lr_at``, the uint8 batch to the device and
+   normalised (``Normalize``), ``ForwardTrain(model)`` (``forward_train``: MixToken on by
+   default, as in training), then with token labels ``trainer.train.targets`` (densify +
    RoIAlign to the token grid and to 1x1 + flip) and ``token_labeling_loss``, without them
    (``--no-token-label``) ``F.one_hot(target)`` and ``ground_truth_loss``; the MixToken area
-   mix of the class target, ``zero_grad``, ``backward``, ``clip_grad_norm_`` (1.0), AdamW
-   ``step`` (``param_groups``, as in ``train``), ``loss.item()`` and ``float(grad_norm)``
-   (the metrics line). The model comes from ``create_model`` with the same seed for every
-   variant. On CUDA as ``train`` runs it: channels_last, bf16 autocast, pinned batches, plus
-   ``torch.cuda.synchronize()`` before every clock read.
+   mix of the class target, ``zero_grad``, ``backward``, ``clip_grad_norm_``, AdamW ``step``,
+   the EMA update when the config has one, ``loss.item()`` and ``float(grad_norm)`` (the
+   metrics line). On CUDA as ``train`` runs it: channels_last, bf16 autocast, pinned batches,
+   plus ``torch.cuda.synchronize()`` before every clock read.
 
    Variants: ``ce`` (``--no-token-label``), ``token label``, ``token label + ANF``, ``token
-   label + ANF`` with a rank-D/4 gate (``anf_gate_rank``), ``token label + STA``. Each gets
+   label + ANF`` with a rank-D/4 gate (``anf_gate_rank``), ``token label + STA``, and ``token
+   label --recipe lvvit`` (``with_recipe``: drop-path, the official target build, label
+   smoothing, beta 1, EMA, no clipping, and each sample's RandAugment ``theta`` drawn as the
+   stream draws it, so that the token targets are warped on the device). ``--variants``
+   picks a subset. Each gets
    ``--warmup`` untimed steps, then ``--steps`` timed steps, the variants
    interleaved step by step (in a rotating order) so that drift of the machine hits them all
    alike; the global RNG is re-seeded per step so that every variant draws the same MixToken
@@ -55,14 +60,16 @@
    whole epoch (worker start-up, which ``train`` pays once per epoch, included) and steady-state
    images/s (the clock starts when every worker has delivered its first batch; only the
    batches after that count), against the model's consumption rate (img/s of the token-label
-   train step). On a CPU machine the loader would share the cores with the model in a real run;
+   train step; with ``--recipe lvvit`` the stream has the recipe's augmentation, RandAugment
+   with its label transform and random erasing, and the rate is the recipe step's); the target
+   is >= 1.5x. On a CPU machine the loader would share the cores with the model in a real run;
    here each is measured alone. The first real batch's keys, dtypes and shapes are compared with
    the synthetic batches'.
 
 Defaults: ``lvvit_t`` at 224 px (5.3 GFLOPs/image forward), batch 32, 20 timed steps after 3
 warm-up steps per variant, 256 loader images labeled at 448 px. On 2 idle CPU cores (Xeon,
-torch 2.14) a batch-32 step takes ~3.1 s, so the step part takes ~6 minutes (5 variants x 23
-steps), the labeling ~15 s and the loader a few seconds: ~6.5 minutes in all. Single steps
+torch 2.14) a batch-32 step takes ~3.1 s, so the step part takes ~7 minutes (6 variants x 23
+steps), the labeling ~15 s and the loader a few seconds: ~7.5 minutes in all. Single steps
 vary by ~5 % there (outliers of 2-3x when anything else runs): keep the machine otherwise idle.
 ``--steps 3 --warmup 1 --batch-size 8 --loader-images 64 --loader-shard-size 16`` checks the
 script in about a minute.
@@ -90,24 +97,28 @@ from torch.utils.data import DataLoader
 from labeler_service.labeling import LabelingOptions, label_dataset
 from labeler_service.sample import make_random_checkpoint
 from storage import Store
-from trainer.augment import RandAugmentConfig
-from trainer.data.stream import StreamConfig, TokenLabelStream
+from trainer.augment import IDENTITY_THETA, RandAugmentConfig, sample_rand_augment
+from trainer.data.stream import TokenLabelStream
 from trainer.labels import densify, image_box_to_grid, roi_align_labels, sample_crop
 from trainer.loss import ground_truth_loss, token_labeling_loss
 from trainer.models import create_model
 from trainer.train import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ForwardTrain,
     TrainConfig,
-    batch_loss,
+    TrainStep,
+    base_lr,
+    build_ema,
+    build_optimizer,
     lr_at,
-    param_groups,
-    recipe_settings,
+    stream_config,
     targets,
+    with_recipe,
 )
 
 DATASET = "bench"
+VARIANT_KEYS = ("ce", "token", "anf", "anf-rank", "sta", "recipe")
+RECIPE_VARIANT = "token label --recipe lvvit"
+LOADER_TARGET = 1.5  # loader img/s over the model's: the loader must not be the bottleneck
 IMAGENET_TRAIN_IMAGES = 1_281_167  # only for lr_at's schedule position
 
 
@@ -125,6 +136,9 @@ def synthetic_batch(batch_size: int, image_size: int, topk: int, num_classes: in
         boxes.append(list(image_box_to_grid(box, (width, height), (grid, grid))))
         flips.append(bool(torch.rand((), generator=g) < 0.5))
     target = torch.randint(num_classes, (batch_size,), generator=g)
+    rand_augment = RandAugmentConfig()
+    rand_theta = torch.stack([sample_rand_augment(rand_augment, g).theta
+                              for _ in range(batch_size)])
     teacher = torch.randn(batch_size, num_classes, grid, grid, generator=g) * 2.0
     teacher[torch.arange(batch_size), target] += 8.0  # one dominant class per image
     logits, classes = teacher.topk(topk, dim=1)  # sorted, descending
@@ -137,6 +151,9 @@ def synthetic_batch(batch_size: int, image_size: int, topk: int, num_classes: in
         "box": torch.tensor(boxes, dtype=torch.float32),
         "flip": torch.tensor(flips, dtype=torch.bool),
         "target": target.long(),
+        "theta": IDENTITY_THETA.expand(batch_size, 2, 3).clone(),
+        # what the lvvit recipe's stream yields in "theta" (its variant swaps it in)
+        "rand_augment_theta": rand_theta,
     }
 
 
@@ -153,57 +170,42 @@ class Variant:
     model_kwargs: dict
     baseline: str | None = None
     target: float | None = None
+    recipe: str | None = None  # trainer.train.RECIPES: its TrainConfig, RandAugment's theta
     times: list[float] = field(default_factory=list)
 
 
 class Trainer:
-    """One variant's model, optimizer and step: ``train``'s setup and loop body."""
+    """One variant's model, optimizer and step: ``train``'s setup and its ``TrainStep``."""
 
     def __init__(self, args, variant: Variant, num_classes: int, device: torch.device):
-        self.config = config = TrainConfig(
+        config = TrainConfig(
             store="", dataset="", labels="", out="", model=args.model,
             input_size=args.input_size, batch_size=args.batch_size,
             token_label=variant.token_label, mix_token=args.mix_token,
             model_kwargs=dict(variant.model_kwargs), seed=args.seed)
-        self.device, self.num_classes = device, num_classes
+        self.config = config = with_recipe(config, variant.recipe) if variant.recipe else config
+        self.recipe = variant.recipe
         torch.manual_seed(config.seed)  # the same initial weights for every variant
         model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
                              mix_token=config.mix_token, **config.model_kwargs).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        self.model, self.net = model, ForwardTrain(model)
-        self.base_lr = config.lr * config.batch_size / 1024
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
-                                           lr=self.base_lr)
+        self.model = model
+        self.train_step = TrainStep(ForwardTrain(model), model, build_optimizer(model, config),
+                                    config, num_classes, device, build_ema(model, config.ema))
+        self.peak_lr = base_lr(config)
         self.steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self.params = sum(p.numel() for p in model.parameters())
         self.step_count = 0
         model.train()
 
     def step(self, batch: dict) -> float:
-        config, device, model, optimizer = self.config, self.device, self.model, self.optimizer
-        num_classes = self.num_classes
-        for lr_group in optimizer.param_groups:
-            lr_group["lr"] = lr_at(self.step_count, config, self.steps_per_epoch, self.base_lr)
-        x = batch["image"].to(device, non_blocking=True).float()
-        x = ((x - self.mean) / self.std).contiguous(
-            memory_format=torch.channels_last if device.type == "cuda"
-            else torch.contiguous_format)
-        loss, parts = batch_loss(self.net, model.grid, batch, x, config, num_classes,
-                                 self.autocast)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-        optimizer.step()
+        if self.recipe:  # RandAugment's geometric ops: the token targets are warped too
+            batch = {**batch, "theta": batch["rand_augment_theta"]}
+        metrics = self.train_step(batch, lr_at(self.step_count, self.config,
+                                               self.steps_per_epoch, self.peak_lr))
         self.step_count += 1
-        # train()'s metrics line (it syncs on CUDA, as there)
-        last = {"loss": loss.item(), **{k: float(v) for k, v in parts.items()},
-                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
-        return last["loss"]
+        return metrics["loss"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -352,13 +354,11 @@ def time_loader(args, base: Path, device: torch.device, synthetic: dict) -> dict
     if report.images_labeled != args.loader_images:
         raise RuntimeError(f"labeled {report.images_labeled} of {args.loader_images} images: "
                            f"{report.failures[:3]}")
-    recipe = recipe_settings(args.recipe, args.model) if args.recipe else {}
-    stream = TokenLabelStream(StreamConfig(
-        store=str(base / "store"), dataset=DATASET, labelset=report.labelset_id,
-        image_size=args.input_size, seed=args.seed, val_permille=0,
-        rand_augment=RandAugmentConfig() if recipe.get("rand_augment") else None,
-        random_erase=recipe.get("random_erase", 0.0),
-        color_jitter=recipe.get("color_jitter", StreamConfig.color_jitter)))
+    config = TrainConfig(store=str(base / "store"), dataset=DATASET, labels=report.labelset_id,
+                         out="", model=args.model, input_size=args.input_size, seed=args.seed,
+                         val_permille=0)
+    stream = TokenLabelStream(stream_config(with_recipe(config, args.recipe) if args.recipe
+                                            else config))
     out = {"images": len(stream), "mean_jpeg_bytes": mean_bytes, "grid": list(stream.grid),
            "label_size": args.label_size, "shard_size": args.loader_shard_size,
            "setup_s": t1 - t0, "label_s": label_s, "runs": []}
@@ -375,8 +375,9 @@ def time_loader(args, base: Path, device: torch.device, synthetic: dict) -> dict
                 arrivals.append(time.perf_counter())
                 sizes.append(len(batch["image"]))
                 if "format" not in out:
-                    real = signature(batch, synthetic)
-                    out["format"] = {"stream": real, "synthetic": signature(synthetic, synthetic)}
+                    keys = [k for k in synthetic if k != "rand_augment_theta"]
+                    out["format"] = {"stream": signature(batch, keys),
+                                     "synthetic": signature(synthetic, keys)}
             if not arrivals:
                 raise RuntimeError("the loader yielded no batch: too few images per worker")
             warm = min(max(1, workers), len(arrivals) - 1)  # one batch per worker, then steady
@@ -410,14 +411,15 @@ def run(args) -> dict:
     probe = create_model(args.model, num_classes=args.num_classes, img_size=args.input_size)
     model_grid, rank = probe.grid, probe.embed_dim // 4
     del probe
-    variants = [
-        Variant("ce (--no-token-label)", False, {}),
-        Variant("token label", True, {}, "ce (--no-token-label)", 1.03),
-        Variant("token label + ANF", True, {"anf": True}, "token label", 1.05),
-        Variant("token label + ANF rank D/4", True, {"anf": True, "anf_gate_rank": rank},
-                "token label", 1.05),
-        Variant("token label + STA", True, {"sta": True}, "token label", None),
-    ]
+    variants = [v for key, v in {
+        "ce": Variant("ce (--no-token-label)", False, {}),
+        "token": Variant("token label", True, {}, "ce (--no-token-label)", 1.03),
+        "anf": Variant("token label + ANF", True, {"anf": True}, "token label", 1.05),
+        "anf-rank": Variant("token label + ANF rank D/4", True,
+                            {"anf": True, "anf_gate_rank": rank}, "token label", 1.05),
+        "sta": Variant("token label + STA", True, {"sta": True}, "token label", None),
+        "recipe": Variant(RECIPE_VARIANT, True, {}, "token label", None, recipe="lvvit"),
+    }.items() if key in args.variants]
 
     loader = None
     with common.scratch_dir(args, "bench_train-") as base:
@@ -459,13 +461,17 @@ def run(args) -> dict:
         - parts_ms["targets()"] - (parts_ms["token loss f+b"] - parts_ms["ce loss f+b"]))
     for row in anf_alone.values():
         row["of_token_label_step"] = row["ms_per_step"] / steps["token label"]["ms"]
-    consumption = steps["token label"]["img_s"]
+    # The loader feeds the step it would feed: the recipe's when it runs with the recipe's
+    # augmentation.
+    consumer = (RECIPE_VARIANT if args.recipe and RECIPE_VARIANT in steps else "token label")
+    consumption = steps[consumer]["img_s"]
     if loader:
+        loader["consumer"] = consumer
         for r in loader["runs"]:
             r["vs_model"] = r["img_s"] / consumption
             r["steady_vs_model"] = (r["steady_img_s"] / consumption
                                     if r["steady_img_s"] else None)
-            r["pass"] = r["img_s"] >= consumption
+            r["pass"] = r["vs_model"] >= LOADER_TARGET
         fmt = loader["format"]
         loader["format_dtypes_match"] = all(fmt["stream"][k][0] == fmt["synthetic"][k][0]
                                             for k in fmt["stream"])
@@ -529,9 +535,10 @@ def print_table(out: dict) -> None:
     print(f"loader: {loader['images']} images (~{loader['mean_jpeg_bytes'] / 1e3:.0f} KB JPEGs), "
           f"labels from test_nfnet @ {loader['label_size']} px (grid {loader['grid'][0]}x"
           f"{loader['grid'][1]}), shards of {loader['shard_size']}, labeling took "
-          f"{loader['label_s']:.0f} s; model consumes {out['model_img_s']:.2f} img/s")
+          f"{loader['label_s']:.0f} s; the model ({loader['consumer']}) consumes "
+          f"{out['model_img_s']:.2f} img/s")
     header = (f"{'workers':>7} {'img/s':>8} {'steady':>8} {'1st batch s':>11} "
-              f"{'x model':>8} {'steady x':>8} {'loader >= model':<15}")
+              f"{'x model':>8} {'steady x':>8} {f'>= {LOADER_TARGET}x model':<15}")
     print(header)
     print("-" * len(header))
     for r in loader["runs"]:
@@ -551,6 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", choices=["lvvit"], default=None,
                    help="the loader with this recipe's augmentation (RandAugment moving the "
                         "labels, random erasing, no colour jitter)")
+    p.add_argument("--variants", default=",".join(VARIANT_KEYS),
+                   help="step variants to time, comma-separated, of " + ", ".join(VARIANT_KEYS)
+                        + " (ce and token always run: they are the baselines)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
@@ -580,6 +590,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_scratch_args(p)
     args = p.parse_args(argv)
     args.loader_workers = [int(w) for w in args.loader_workers.split(",") if w.strip()]
+    args.variants = {"ce", "token"} | {v.strip() for v in args.variants.split(",") if v.strip()}
+    if args.variants - set(VARIANT_KEYS):
+        p.error(f"unknown --variants {sorted(args.variants - set(VARIANT_KEYS))}; "
+                f"known: {', '.join(VARIANT_KEYS)}")
     if min(args.batch_size, args.steps, args.distinct_batches, args.parts_reps,
            args.loader_epochs, args.threads) < 1 or args.warmup < 0:
         p.error("--batch-size, --steps, --distinct-batches, --parts-reps, --loader-epochs and "

@@ -42,12 +42,12 @@ from labeler_service.quality import cell_ground_truth, cell_object_fraction, den
 from labeler_service.scenes import load_mask
 from storage import Store, TeacherSpec
 from storage.splits import split_bucket
+from trainer.data.normalize import Normalize
 from trainer.data.stream import StreamConfig, TokenLabelStream
 from trainer.evaluate import (
     attention_entropy,
     foreground_precision,
     load_checkpoint,
-    normalise,
     outlier_token_share,
     position_share,
 )
@@ -184,14 +184,14 @@ def load_split(work: Path, labelset_id: str, size: int, grid: tuple[int, int], s
 
 
 @torch.no_grad()
-def forward_all(model: torch.nn.Module, images: EvalImages, batch: int = 128) -> dict:
+def forward_all(model: torch.nn.Module, normalize: Normalize, images: EvalImages,
+                batch: int = 128) -> dict:
     """Everything the metrics need, for every image: scores, token logits, pre-norm patch
     tokens, final patch tokens, the class token's last-block attention over patches."""
-    device = next(model.parameters()).device
     prefix = model.num_prefix_tokens
     out: dict[str, list] = {k: [] for k in ("score", "cls", "token", "pre", "post", "attn")}
     for start in range(0, len(images.index), batch):
-        x = normalise(images.pixels[start:start + batch], device)
+        x = normalize(images.pixels[start:start + batch])
         pre = model.forward_features(x, pre_norm=True)
         post = model.norm(pre)
         cls_logits, token_logits = model.forward_head(post)
@@ -243,25 +243,25 @@ def linear_probe(train_tokens: torch.Tensor, train_truth: np.ndarray, test_token
 
 def evaluate_run(checkpoint: Path, test: EvalImages, probe: EvalImages, num_classes: int,
                  val: EvalImages | None = None) -> dict:
-    model = load_checkpoint(checkpoint, torch.device("cpu"))
+    model, normalize = load_checkpoint(checkpoint, torch.device("cpu"))
     grid = model.grid
-    result = {"test": split_metrics(model, test, probe, num_classes, grid)}
+    result = {"test": split_metrics(model, normalize, test, probe, num_classes, grid)}
     if val is not None:
-        out = forward_all(model, val)
+        out = forward_all(model, normalize, val)
         result["val"] = {"top1": float((out["score"].argmax(1).numpy() == val.label).mean())}
     return result
 
 
-def split_metrics(model, images: EvalImages, probe: EvalImages, num_classes: int,
-                  grid: tuple[int, int]) -> dict:
-    out = forward_all(model, images)
+def split_metrics(model, normalize: Normalize, images: EvalImages, probe: EvalImages,
+                  num_classes: int, grid: tuple[int, int]) -> dict:
+    out = forward_all(model, normalize, images)
     n = len(images.index)
     token_probs = out["token"].softmax(-1)  # [N, T, C]
     top = token_probs.topk(min(5, num_classes), dim=-1)
     predicted = top.indices.permute(0, 2, 1).reshape(n, -1, *grid).numpy()
     confidence = top.values[..., 0].reshape(n, *grid).numpy()
     dense = dense_quality(images.truth, predicted, confidence, images.label, num_classes)
-    probe_out = forward_all(model, probe)
+    probe_out = forward_all(model, normalize, probe)
     probe_pred = linear_probe(probe_out["post"], probe.truth, out["post"], num_classes)
     truth_bg = np.where(images.truth < 0, num_classes, images.truth).reshape(n, -1)
     attention = out["attn"]  # [N, heads, T]
@@ -283,13 +283,13 @@ def split_metrics(model, images: EvalImages, probe: EvalImages, num_classes: int
 def write_run_panels(folder: Path, checkpoint: Path, arm: Arm, images: EvalImages, work: Path,
                      labelset_id: str, count: int) -> list[str]:
     """image | ground truth | teacher top-1 | student token top-1 | class-token attention."""
-    model = load_checkpoint(checkpoint, torch.device("cpu"))
+    model, normalize = load_checkpoint(checkpoint, torch.device("cpu"))
     store = Store.open(work / "store", mode="r")
     labelset, dataset = store.labelset(labelset_id), store.dataset("scenes")
     root, paths = Path(dataset.source_root), dataset.manifest().path
     subset = EvalImages(images.index[:count], images.pixels[:count], images.label[:count],
                         images.truth[:count], images.object_fraction[:count])
-    out = forward_all(model, subset)
+    out = forward_all(model, normalize, subset)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for i, row in enumerate(subset.index):

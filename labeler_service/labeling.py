@@ -149,14 +149,22 @@ def shard_batches(labelset: LabelSet, shards: Sequence[int], batch_size: int) ->
     return batches
 
 
-def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
-    """uint8 [B, H, W, 3] on the host -> normalised float [B, 3, H, W] on ``device`` (channels
-    last on CUDA). ``mean``/``std`` are [1, 3, 1, 1] on the device, in 0..255 units: the copy
-    moves uint8, a quarter of the float bytes, and the arithmetic runs on the device."""
-    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    return ((x - mean) / std).contiguous(
-        memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+class ModelInput:
+    """uint8 ``[B, H, W, 3]`` on the host -> ``(x - mean) / std`` as float ``[B, 3, H, W]`` on
+    ``device`` (channels last on CUDA). The copy moves uint8, a quarter of the float bytes, and
+    the arithmetic runs on the device. (The trainer's ``Normalize`` is the same for its
+    ``[B, 3, H, W]`` batches; the two packages share no code but the store.)"""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = (torch.channels_last if device.type == "cuda"
+                              else torch.contiguous_format)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
 class TeacherRunner:
@@ -172,12 +180,11 @@ class TeacherRunner:
         if self.cuda:
             teacher.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # every batch has the same input shape
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.model_input = ModelInput(mean, std, device)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor):
-        x = to_model_input(pixels, self.mean, self.std, self.device)
+        x = self.model_input(pixels)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:

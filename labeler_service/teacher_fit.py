@@ -42,7 +42,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
-from labeler_service.labeling import AUTOCAST_DTYPES, default_workers, to_model_input
+from labeler_service.labeling import AUTOCAST_DTYPES, ModelInput, default_workers
 from labeler_service.teacher import (
     FITTED_FORMAT,
     FITTED_FORMAT_VERSION,
@@ -311,8 +311,7 @@ def fit_teacher(store: Store, dataset_name: str, model_name: str, out: Path,
                          options.max_pixels, options.zoom_out, options.zoom_out_p)
 
     workers = default_workers(device) if options.workers is None else options.workers
-    mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1) * 255
+    model_input = ModelInput(data_cfg["mean"], data_cfg["std"], device)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -320,7 +319,7 @@ def fit_teacher(store: Store, dataset_name: str, model_name: str, out: Path,
     autocast = (torch.autocast("cuda", dtype=AUTOCAST_DTYPES[options.precision])
                 if device.type == "cuda" and AUTOCAST_DTYPES[options.precision]
                 else contextlib.nullcontext())
-    run = _Run(model, mean, std, device, autocast, options, workers, report)
+    run = _Run(model, model_input, device, autocast, options, workers, report)
 
     train_rows, held_rows = split.rows[~split.held], split.rows[split.held]
     if head_only:
@@ -361,8 +360,7 @@ class _Run:
     """The pieces both ways of fitting share: input normalisation, passes, held-out scoring."""
 
     model: nn.Module
-    mean: torch.Tensor
-    std: torch.Tensor
+    model_input: ModelInput
     device: torch.device
     autocast: contextlib.AbstractContextManager
     options: FitOptions
@@ -392,7 +390,7 @@ class _Run:
                     if len(self.report.failures) < 20:
                         self.report.failures.append((str(path), reasons[i]))
             if ok.any():
-                x = to_model_input(pixels[ok], self.mean, self.std, self.device)
+                x = self.model_input(pixels[ok])
                 yield index[ok], x, labels[ok].to(self.device, non_blocking=True)
 
     def schedule(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):

@@ -91,7 +91,7 @@ def main() -> None:
 @user_errors
 def train(**options) -> None:
     """Train MODEL on DATASET's images and the token labels of label set LABELS."""
-    from trainer.train import TrainConfig, recipe_settings
+    from trainer.train import TrainConfig, with_recipe
     from trainer.train import train as run
 
     options["model_kwargs"] = {"registers": options.pop("registers"),
@@ -104,14 +104,13 @@ def train(**options) -> None:
     options["out"] = str(options["out"])
     options["init"] = str(options["init"]) if options["init"] else None
     resume, recipe = options.pop("resume"), options.pop("recipe")
+    config = TrainConfig(**options)
     if recipe:
         context = click.get_current_context()
-        for name, value in recipe_settings(recipe, options["model"]).items():
-            if name == "drop_path":
-                options["model_kwargs"].setdefault("drop_path", value)
-            elif context.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
-                options[name] = value
-    last = run(TrainConfig(**options), resume=resume)
+        given = {name for name in options
+                 if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+        config = with_recipe(config, recipe, keep=given)
+    last = run(config, resume=resume)
     click.echo(json.dumps(last))
 
 

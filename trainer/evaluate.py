@@ -12,20 +12,19 @@ from torch.utils.data import DataLoader
 from storage import Store
 from storage.images import ImageRejected, decode_image
 from trainer.checkpoints import build_model, read_checkpoint
+from trainer.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from trainer.data.stream import StreamConfig, TokenLabelStream
-from trainer.train import IMAGENET_MEAN, IMAGENET_STD
 
 
-def load_checkpoint(path: Path, device: torch.device, use_ema: bool = True) -> torch.nn.Module:
+def load_checkpoint(path: Path, device: torch.device,
+                    use_ema: bool = True) -> tuple[torch.nn.Module, Normalize]:
     """Any checkpoint :func:`trainer.checkpoints.read_checkpoint` reads, in eval mode on
-    ``device`` (a project checkpoint's EMA weights when it has them and ``use_ema``)."""
-    return build_model(read_checkpoint(path, use_ema=use_ema)).to(device).eval()
-
-
-def normalise(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return (images.to(device).float() - mean) / std
+    ``device`` (a project checkpoint's EMA weights when it has them and ``use_ema``), and the
+    pixel normalisation it was trained with (ImageNet's for checkpoints that do not say)."""
+    checkpoint = read_checkpoint(path, use_ema=use_ema)
+    normalize = Normalize(checkpoint.extra.get("mean", IMAGENET_MEAN),
+                          checkpoint.extra.get("std", IMAGENET_STD), device)
+    return build_model(checkpoint).to(device).eval(), normalize
 
 
 @torch.no_grad()
@@ -33,7 +32,7 @@ def evaluate(checkpoint: Path, store: str, dataset: str, labels: str, batch_size
              workers: int = 2, val_permille: int = 20) -> dict:
     """Top-1/top-5 of the model's inference score against the dataset's classes, held-out split."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(checkpoint, device)
+    model, normalize = load_checkpoint(checkpoint, device)
     size = model.img_size
     stream = TokenLabelStream(StreamConfig(store=store, dataset=dataset, labelset=labels,
                                            image_size=size, split="val", augment=False,
@@ -43,7 +42,7 @@ def evaluate(checkpoint: Path, store: str, dataset: str, labels: str, batch_size
         known = batch["target"] >= 0
         if not known.any():
             continue
-        scores = model(normalise(batch["image"][known], device))
+        scores = model(normalize(batch["image"][known]))
         target = batch["target"][known].to(device)
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices
         correct1 += int((top[:, 0] == target).sum())
@@ -100,7 +99,7 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
     token's :func:`attention_entropy` in the last block (over patch tokens, per head, averaged),
     over the first ``images`` readable images."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(checkpoint, device)
+    model, normalize = load_checkpoint(checkpoint, device)
     ds = Store.open(store, mode="r").dataset(dataset)
     root, paths = Path(ds.source_root), ds.manifest().path
     size = model.img_size
@@ -116,7 +115,7 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
     prefix = model.num_prefix_tokens
     patches, entropy = [], []
     for start in range(0, len(x_all), batch_size):
-        x = normalise(x_all[start:start + batch_size], device)
+        x = normalize(x_all[start:start + batch_size])
         patches.append(model.forward_features(x, pre_norm=True)[:, prefix:])
         attention = model.attention_maps(x)[-1][:, :, 0, prefix:]  # [B, heads, N]
         entropy.append(attention_entropy(attention).mean(1))

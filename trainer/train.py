@@ -16,7 +16,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,14 +28,12 @@ from tqdm import tqdm
 
 from trainer.augment import IDENTITY_THETA, RandAugmentConfig, warp_maps
 from trainer.checkpoints import load_weights, read_checkpoint
+from trainer.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
 from trainer.labels import densify, roi_align_labels, scatter_logits
 from trainer.loss import class_target, ground_truth_loss, token_labeling_loss
 from trainer.models import create_model
 from trainer.models.mixtoken import box_area_fraction
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -67,6 +66,8 @@ class TrainConfig:
     rand_augment: bool = False  # rand-m9-mstd0.5-inc1, labels moved with the pixels
     color_jitter: float = 0.4  # brightness, contrast, saturation (timm: off with RandAugment)
     random_erase: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # pixel normalisation (data config)
+    std: tuple[float, float, float] = IMAGENET_STD
     model_kwargs: dict = field(default_factory=dict)  # registers, sta, anf, ...
     init: str | None = None  # fine-tune from these weights (any trainer.checkpoints kind)
     max_steps_per_epoch: int | None = None  # for smoke tests
@@ -92,6 +93,18 @@ def recipe_settings(name: str, model: str) -> dict:
     if model in RECIPE_DROP_PATH:
         settings["drop_path"] = RECIPE_DROP_PATH[model]
     return settings
+
+
+def with_recipe(config: TrainConfig, name: str, keep: Collection[str] = ()) -> TrainConfig:
+    """``config`` with recipe ``name``'s settings, except the fields named in ``keep`` (those a
+    user set); drop-path is set in ``model_kwargs`` unless it is there already."""
+    changes, model_kwargs = {}, dict(config.model_kwargs)
+    for field_name, value in recipe_settings(name, config.model).items():
+        if field_name == "drop_path":
+            model_kwargs.setdefault("drop_path", value)
+        elif field_name not in keep:
+            changes[field_name] = value
+    return replace(config, model_kwargs=model_kwargs, **changes)
 
 
 class ForwardTrain(torch.nn.Module):
@@ -194,13 +207,76 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: float, config: TrainConfig, steps_per_epoch: int, base_lr: float) -> float:
+def lr_at(step: float, config: TrainConfig, steps_per_epoch: int, peak_lr: float) -> float:
+    """Linear warm-up to ``peak_lr`` over ``config.warmup_epochs``, then cosine to min_lr."""
     warmup = config.warmup_epochs * steps_per_epoch
     total = config.epochs * steps_per_epoch
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return peak_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return config.min_lr + 0.5 * (base_lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return config.min_lr + 0.5 * (peak_lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def stream_config(config: TrainConfig) -> StreamConfig:
+    """The training split's stream for ``config``: its images, labels and augmentation."""
+    return StreamConfig(store=config.store, dataset=config.dataset, labelset=config.labels,
+                        image_size=config.input_size, seed=config.seed,
+                        val_permille=config.val_permille, augment=config.augment,
+                        crop_scale=tuple(config.crop_scale),
+                        rand_augment=RandAugmentConfig() if config.rand_augment else None,
+                        random_erase=config.random_erase, color_jitter=config.color_jitter,
+                        mean=tuple(config.mean), std=tuple(config.std))
+
+
+def base_lr(config: TrainConfig, world: int = 1) -> float:
+    """``config.lr`` is per 1024 images: scaled linearly by the global batch size."""
+    return config.lr * config.batch_size * world / 1024
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+                    world: int = 1) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; the schedule (:func:`lr_at`) sets the lr every step."""
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=base_lr(config, world))
+
+
+def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights, or None when ``decay`` is 0."""
+    if not decay:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
+
+
+class TrainStep:
+    """One optimisation step on one batch, exactly as :func:`train` runs it (and as
+    ``benchmarks/bench_train.py`` times it): normalise on the device, forward under autocast,
+    the loss, backward, clip, AdamW, EMA. Returns the metrics line's numbers (which syncs)."""
+
+    def __init__(self, net: torch.nn.Module, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, config: TrainConfig, num_classes: int,
+                 device: torch.device, ema: torch.optim.swa_utils.AveragedModel | None = None):
+        self.net, self.model, self.optimizer, self.ema = net, model, optimizer, ema
+        self.config, self.num_classes = config, num_classes
+        self.normalize = Normalize(config.mean, config.std, device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+        # inf: the norm is measured for the metrics line, nothing is clipped
+        self.clip = config.clip_grad if config.clip_grad > 0 else math.inf
+
+    def __call__(self, batch: dict, lr: float) -> dict[str, float]:
+        for lr_group in self.optimizer.param_groups:
+            lr_group["lr"] = lr
+        x = self.normalize(batch["image"])
+        loss, parts = batch_loss(self.net, self.model.grid, batch, x, self.config,
+                                 self.num_classes, self.autocast)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return {"loss": loss.item(), **{k: float(v) for k, v in parts.items()}, "lr": lr,
+                "grad_norm": float(grad_norm)}
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
@@ -210,14 +286,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     torch.manual_seed(config.seed + rank)
 
     # -- data -------------------------------------------------------------------------------
-    stream_config = StreamConfig(store=config.store, dataset=config.dataset,
-                                 labelset=config.labels, image_size=config.input_size,
-                                 seed=config.seed, val_permille=config.val_permille,
-                                 augment=config.augment, crop_scale=tuple(config.crop_scale),
-                                 rand_augment=RandAugmentConfig() if config.rand_augment else None,
-                                 random_erase=config.random_erase,
-                                 color_jitter=config.color_jitter)
-    stream = TokenLabelStream(stream_config, rank=rank, world_size=world)
+    stream = TokenLabelStream(stream_config(config), rank=rank, world_size=world)
     num_classes = stream.num_classes
 
     # -- model, optimizer -------------------------------------------------------------------
@@ -232,11 +301,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     net = ForwardTrain(model)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
-    base_lr = config.lr * config.batch_size * world / 1024
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=base_lr)
-    ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema))
-        if config.ema else None)
+    optimizer = build_optimizer(model, config, world)
+    ema = build_ema(model, config.ema)
+    train_step = TrainStep(net, model, optimizer, config, num_classes, device, ema)
+    peak_lr = base_lr(config, world)
     steps_per_epoch = max(1, len(stream) // (config.batch_size * world))
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -266,10 +334,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         torch.save(state, out / f"{name}.tmp")
         os.replace(out / f"{name}.tmp", out / name)  # a crash mid-save keeps the old file
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
     board = tensorboard_writer(out) if rank == 0 else None
     last: dict = {}
@@ -290,29 +354,14 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         for batch in bar:
             if epoch_step >= steps_per_epoch:
                 break
-            for lr_group in optimizer.param_groups:
-                lr_group["lr"] = lr_at(step, config, steps_per_epoch, base_lr)
-            x = batch["image"].to(device, non_blocking=True).float()
-            x = ((x - mean) / std).contiguous(
-                memory_format=torch.channels_last if device.type == "cuda"
-                else torch.contiguous_format)
-            loss, parts = batch_loss(net, model.grid, batch, x, config, num_classes, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(  # inf: measured, not clipped
-                model.parameters(), config.clip_grad if config.clip_grad > 0 else math.inf)
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            metrics = train_step(batch, lr_at(step, config, steps_per_epoch, peak_lr))
             step += 1
             epoch_step += 1
-            seen += len(x)
+            seen += len(batch["image"])
             for stream_id, seq in zip(batch["stream"].tolist(), batch["seq"].tolist(),
                                       strict=True):
                 position.consumed[stream_id] = max(position.consumed.get(stream_id, 0), seq + 1)
-            last = {"epoch": epoch, "step": step, "loss": loss.item(),
-                    **{k: float(v) for k, v in parts.items()},
-                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+            last = {"epoch": epoch, "step": step, **metrics}
             bar.set_postfix(loss=f"{last['loss']:.3f}")
             if metrics_file:
                 metrics_file.write(json.dumps(last) + "\n")

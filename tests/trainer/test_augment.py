@@ -18,7 +18,7 @@ from trainer.augment import (
     sample_erase,
     sample_rand_augment,
 )
-from trainer.train import recipe_settings, targets
+from trainer.train import TrainConfig, recipe_settings, targets, with_recipe
 
 SIZE, GRID, BLOCK = 64, (16, 16), 4
 SPOT = (3, 12)  # row, col of the 4 x 4 px block that is white in the image and class 1 in labels
@@ -107,3 +107,14 @@ def test_the_lvvit_recipe():
     assert recipe_settings("lvvit", "lvvit_m")["drop_path"] == 0.2
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe_settings("deit", "lvvit_s")
+
+
+def test_with_recipe_keeps_what_the_user_set():
+    base = TrainConfig(store="s", dataset="d", labels="l", out="o", model="lvvit_s", beta=0.5,
+                       model_kwargs={"drop_path": 0.3})
+    config = with_recipe(base, "lvvit", keep={"beta"})
+    assert config.beta == 0.5 and config.model_kwargs["drop_path"] == 0.3  # the user's
+    assert config.ema == 0.99992 and config.target_mode == "official" and config.rand_augment
+    assert with_recipe(TrainConfig("s", "d", "l", "o", model="lvvit_m"), "lvvit").model_kwargs \
+        == {"drop_path": 0.2}
+    assert base.ema == 0.0  # a copy: the config given is unchanged

@@ -18,6 +18,7 @@ from labeler_service.sample import make_random_checkpoint, make_sample_images
 from storage import Store
 from trainer import train as train_module
 from trainer.cli import main
+from trainer.evaluate import load_checkpoint
 from trainer.train import TrainConfig, train
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -57,6 +58,15 @@ def test_a_tiny_model_overfits_a_tiny_store(labeled, tmp_path):
     train(cfg)
     losses = [json.loads(line)["cls"] for line in (tmp_path / "metrics.jsonl").open()]
     assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
+
+
+def test_eval_normalises_as_the_run_did(labeled, tmp_path):
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    train(config(labeled, tmp_path, max_steps_per_epoch=1, mean=mean, std=std))
+    model, normalize = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))
+    x = normalize(torch.full((1, 3, 4, 4), 255, dtype=torch.uint8))
+    assert torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25, not ImageNet's
+    assert model.training is False
 
 
 def test_token_label_training_lowers_its_loss(labeled, tmp_path):

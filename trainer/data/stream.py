@@ -36,6 +36,7 @@ from trainer.augment import (
     sample_erase,
     sample_rand_augment,
 )
+from trainer.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from trainer.labels import image_box_to_grid, sample_crop
 
 
@@ -59,6 +60,9 @@ class StreamConfig:
     color_jitter: float = 0.4  # brightness, contrast, saturation in [1 - j, 1 + j]; 0 is off
     rand_augment: RandAugmentConfig | None = None  # geometric ops move the labels (theta)
     random_erase: float = 0.0  # probability of erasing a rectangle (pixels only)
+    # The stream yields uint8; trainer.data.normalize.Normalize applies these on the device.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 @dataclass
