@@ -216,10 +216,14 @@ def run(args) -> dict:
         gflops = bare.gflops_per_image()
         setup_s = time.perf_counter() - t0
 
-        bare_s, jobs = [], []
+        bare_s, jobs, memory = [], [], {"bare": 0.0, "job": 0.0}
         for r in range(args.rounds):
-            bare_s.append(bare.run())
-            jobs.append(run_job(args, checkpoint, images, base / f"store-{r}"))
+            with common.peak_gpu_memory(device) as peak:
+                bare_s.append(bare.run())
+            memory["bare"] = max(memory["bare"], peak["gib"])
+            with common.peak_gpu_memory(device) as peak:
+                jobs.append(run_job(args, checkpoint, images, base / f"store-{r}"))
+            memory["job"] = max(memory["job"], peak["gib"])
             shutil.rmtree(base / f"store-{r}", ignore_errors=True)
 
     n = args.images
@@ -253,6 +257,7 @@ def run(args) -> dict:
                 (("bare", bare_rate), ("job_loop", loop_rate), ("job_wall", wall_rate))}
     out["achieved_tflops"] = achieved
     if device.type == "cuda":
+        out["gpu_memory_gib"] = memory  # peak allocated by torch in each pass
         out["peak_tflops"] = args.peak_tflops
         out["fraction_of_peak"] = {k: v / args.peak_tflops for k, v in achieved.items()}
     return out

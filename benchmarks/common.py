@@ -53,3 +53,17 @@ def scratch_dir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
             print(f"kept {base}", file=sys.stderr)
         else:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def peak_gpu_memory(device: torch.device) -> Iterator[dict]:
+    """``{"gib": ...}``, filled on exit with the peak memory torch allocated on ``device``
+    inside the block (0 off CUDA)."""
+    peak = {"gib": 0.0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    yield peak
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak["gib"] = torch.cuda.max_memory_allocated(device) / 2**30
