@@ -391,7 +391,7 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
            loglevel: str | None) -> None:
     """Run a Celery worker on the labeling and registration queues (settings from LABELER_*
     variables)."""
-    from labeler_service.tasks import QUEUES
+    from labeler_service.queue import QUEUES
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(chosen) - set(QUEUES))
@@ -401,10 +401,12 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
     if gpu is not None:
         # Before anything can initialise CUDA: the pool's children load the teacher lazily.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    from labeler_service.queue import configure
     from labeler_service.settings import get_settings
-    from labeler_service.tasks import app
+    from labeler_service.tasks import app  # registers the task bodies on the app
 
     settings = get_settings()
+    configure(app, settings)
     hostname = name or (f"gpu{gpu}@%h" if gpu is not None else "cpu@%h")
     app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}",
                      "-Q", ",".join(chosen), f"--hostname={hostname}",

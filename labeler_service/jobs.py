@@ -10,20 +10,21 @@ planned again, which counts finished shards from the store and queues only the m
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from labeler_service import keys
+from labeler_service.keys import now
 from storage import ImageStatus, LabelSet, Store
 
-PREFIX = "labeler:"
 ACTIVE_STATES = ("queued", "running")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 STATES = ACTIVE_STATES + TERMINAL_STATES
@@ -69,7 +70,7 @@ def resolved_labelset_key(dataset_fingerprint: str, request: dict[str, Any],
     key = json.dumps({"dataset": dataset_fingerprint, "request": request,
                       "checkpoint": [str(checkpoint), stat.st_size, stat.st_mtime_ns]},
                      sort_keys=True)
-    return f"{PREFIX}resolved:{hashlib.sha256(key.encode()).hexdigest()}"
+    return keys.resolved_labelset(key)
 
 
 def progress_in_store(labelset: LabelSet) -> dict[str, Any]:
@@ -80,10 +81,6 @@ def progress_in_store(labelset: LabelSet) -> dict[str, Any]:
     return {"images_total": labelset.num_images, "shards_total": labelset.num_shards,
             "images_done": int(counted.size), "images_failed": int((counted > 0).sum()),
             "shards_done": [s for s in range(labelset.num_shards) if s not in pending]}
-
-
-def now() -> float:
-    return round(time.time(), 3)
 
 
 def new_job_id() -> str:
@@ -133,24 +130,20 @@ class Job:
 class JobStore:
     """Jobs in Redis, mirrored to ``jobs/<id>`` in the label store."""
 
-    def __init__(self, client: redis.Redis, store: Store, ttl_seconds: int = 7 * 86400):
+    def __init__(self, client: redis.Redis, store: Store, ttl_seconds: int,
+                 enqueue_plan: Callable[[str], None]):
         self.r = client
         self.store = store
         self.ttl = ttl_seconds
+        self.enqueue_plan = enqueue_plan  # queues a recovered job's plan (labeler_service.queue)
         self._shard_done = client.register_script(_SHARD_DONE)
         self._finish = client.register_script(_FINISH)
 
     # -- keys -------------------------------------------------------------------------------
 
-    @staticmethod
-    def key(job_id: str) -> str:
-        return f"{PREFIX}job:{job_id}"
-
-    @staticmethod
-    def done_key(job_id: str) -> str:
-        return f"{PREFIX}job:{job_id}:shards"
-
-    INDEX = f"{PREFIX}jobs"
+    key = staticmethod(keys.job)
+    done_key = staticmethod(keys.job_shards)
+    INDEX = keys.JOB_INDEX
 
     # -- creation and reads -----------------------------------------------------------------
 
@@ -321,9 +314,7 @@ class JobStore:
             self.r.expire(self.done_key(job_id), self.ttl)
             return Job.from_hash(self.r.hgetall(self.key(job_id)))
         else:
-            from labeler_service.tasks import enqueue_plan  # the API enqueues, never runs tasks
-
-            enqueue_plan(job_id)
+            self.enqueue_plan(job_id)
         return job
 
     def recover_all(self) -> list[str]:

@@ -23,16 +23,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from labeler_service.teacher import DenseTeacher, build_teacher, fit_summary, label_space_problem
-from storage import Dataset as StoreDataset
 from storage import (
+    LABEL_ARRAYS,
     ImageStatus,
     LabelBlock,
     LabelSet,
     LabelSetConfig,
     Store,
     TeacherSpec,
-    class_dtype,
 )
+from storage import Dataset as StoreDataset
 from storage.images import (
     DEFAULT_MAX_PIXELS,
     DecodingProcessDied,
@@ -40,12 +40,11 @@ from storage.images import (
     decode_image,
     read_image_bytes,
 )
-from storage.labelset import DEFAULT_SHARD_SIZE
+from storage.labelset import DEFAULT_SHARD_SIZE, array_specs
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-LABEL_ARRAYS = ("logits", "classes", "lse", "global_logits", "global_classes")
 
 
 class LabelSpaceMismatch(ValueError):
@@ -181,19 +180,20 @@ class TeacherRunner:
             teacher.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # every batch has the same input shape
         self.model_input = ModelInput(mean, std, device)
+        specs = array_specs(topk, (1, 1), teacher.num_classes)
+        self.dtypes = {name: specs[name].dtype for name in LABEL_ARRAYS}
 
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor):
+    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """The label arrays of ``pixels`` (``LABEL_ARRAYS``), in the store's dtypes."""
         x = self.model_input(pixels)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
             out = self.teacher.summarise(x, self.topk)
         # Narrow on the device, then one copy per array to the host.
-        cdt = getattr(torch, class_dtype(self.teacher.num_classes).name)
-        return (out.logits.half().cpu().numpy(), out.classes.to(cdt).cpu().numpy(),
-                out.lse.cpu().numpy(), out.global_logits.cpu().numpy(),
-                out.global_classes.to(cdt).cpu().numpy())
+        return {name: getattr(out, name).to(getattr(torch, self.dtypes[name].name)).cpu().numpy()
+                for name in LABEL_ARRAYS}
 
 
 def decoded_source(dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions) -> tuple:
@@ -309,7 +309,7 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
             ok = batch.status == ImageStatus.LABELED
             if ok.any():
                 outputs = runner(batch.pixels)
-                for name, values in zip(LABEL_ARRAYS, outputs, strict=True):
+                for name, values in outputs.items():
                     getattr(block, name)[rows[ok]] = values[ok]
             block.status[rows] = batch.status
             filled += len(rows)

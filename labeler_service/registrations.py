@@ -26,11 +26,12 @@ from typing import Any
 
 import redis
 
+from labeler_service import keys
+from labeler_service.keys import now
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
 from storage import DatasetChangedError, Store, StoreError
 from storage.manifest import FileOutsideRoot
 
-PREFIX = "labeler:"
 STATES = ("registering", "ready", "failed")
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes (and heartbeats) to Redis
 
@@ -100,10 +101,6 @@ return 1
 """
 
 
-def now() -> float:
-    return round(time.time(), 3)
-
-
 @dataclass
 class Registration:
     name: str
@@ -137,7 +134,7 @@ class RegistrationStore:
     registration in progress is taken for lost (its task is gone) and a re-POST starts it again;
     the visibility timeout, since the task's time limit is below it."""
 
-    INDEX = f"{PREFIX}registrations"
+    INDEX = keys.REGISTRATION_INDEX
 
     def __init__(self, client: redis.Redis, ttl_seconds: int, stale_after: float):
         self.r = client
@@ -149,9 +146,7 @@ class RegistrationStore:
         self._discard = client.register_script(_DISCARD)
         self._forget = client.register_script(_FORGET)
 
-    @staticmethod
-    def key(name: str) -> str:
-        return f"{PREFIX}registration:{name}"
+    key = staticmethod(keys.registration)
 
     def begin(self, name: str, path: str, directory: Path,
               force: bool = False) -> tuple[str, Registration]:

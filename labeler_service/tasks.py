@@ -28,49 +28,24 @@ from functools import lru_cache
 from pathlib import Path
 
 import redis
-from celery import Celery, signals
+from celery import signals
 
-from labeler_service.settings import Settings, get_settings
+from labeler_service import keys
+from labeler_service.queue import (
+    PLAN_TASK,
+    QUEUES,
+    REGISTER_TASK,
+    SHARD_TASK,
+    app,
+    enqueue_plan,
+    enqueue_shard,
+)
+from labeler_service.settings import get_settings
 from storage.images import DecodingProcessDied
 
 log = logging.getLogger(__name__)
-QUEUE = "labeling"
-REGISTRATION_QUEUE = "registration"
-QUEUES = (QUEUE, REGISTRATION_QUEUE)  # what `labeler worker` consumes
-STATS = "labeler:stats"  # counters across workers, exported by the API's /metrics
 # Errors worth retrying: the store or Redis briefly unreachable, a decoding process killed.
 TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError, DecodingProcessDied)
-
-app = Celery("labeler_service")
-
-
-def configure(celery: Celery, settings: Settings) -> None:
-    celery.close()  # drop connections to a previous broker, if any
-    celery.conf.update(
-        broker_url=settings.redis_url,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            # kombu sweeps for overdue unacknowledged tasks every interval x throttle seconds
-            # (100 s by default, whatever the timeout): sweep every tenth of the timeout instead.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
-            "unacked_restore_throttle": 1,
-        },
-        broker_connection_retry_on_startup=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=settings.task_time_limit,
-        task_default_queue=QUEUE,
-        task_routes={"labeler.register_dataset": {"queue": REGISTRATION_QUEUE}},
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-    )
-
-
-configure(app, get_settings())
 
 
 # -- per-process state (created after fork) ---------------------------------------------------
@@ -84,7 +59,7 @@ def services():
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = Store.open(settings.store)
-    return client, store, JobStore(client, store, settings.job_ttl_seconds)
+    return client, store, JobStore(client, store, settings.job_ttl_seconds, enqueue_plan)
 
 
 @lru_cache(maxsize=1)
@@ -151,16 +126,12 @@ def labeling_options():
 
 
 def heartbeat(client: redis.Redis, hostname: str) -> None:
-    client.set(f"labeler:worker:{hostname}", int(time.time()), ex=60)
+    client.set(keys.worker(hostname), int(time.time()), ex=60)
 
 
 # -- tasks ------------------------------------------------------------------------------------
 
-def enqueue_plan(job_id: str) -> None:
-    plan_job.apply_async(args=(job_id,), task_id=f"{job_id}:plan")
-
-
-@app.task(bind=True, name="labeler.plan_job", autoretry_for=TRANSIENT, retry_backoff=True,
+@app.task(bind=True, name=PLAN_TASK, autoretry_for=TRANSIENT, retry_backoff=True,
           retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
     from labeler_service.jobs import resolved_labelset_key
@@ -194,7 +165,7 @@ def plan_job(self, job_id: str) -> None:
     if not todo:
         complete_job(jobs, job_id, dataset, labelset)
     for shard in todo:
-        label_shard.apply_async(args=(job_id, shard), task_id=f"{job_id}:shard:{shard}")
+        enqueue_shard(job_id, shard)
 
 
 def complete_job(jobs, job_id: str, dataset, labelset) -> None:
@@ -205,7 +176,7 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
     jobs.finish(job_id, "succeeded", agreement=record_agreement(dataset, labelset))
 
 
-@app.task(bind=True, name="labeler.label_shard", autoretry_for=TRANSIENT, retry_backoff=True,
+@app.task(bind=True, name=SHARD_TASK, autoretry_for=TRANSIENT, retry_backoff=True,
           retry_backoff_max=60, max_retries=5)
 def label_shard(self, job_id: str, shard: int) -> None:
     from labeler_service.labeling import LabelingReport, label_shards
@@ -240,9 +211,9 @@ def label_shard(self, job_id: str, shard: int) -> None:
         if report.stopped:
             return
         stats = client.pipeline()
-        stats.hincrbyfloat(STATS, "shard_seconds_sum", time.perf_counter() - began)
-        stats.hincrby(STATS, "shards_labeled", 1)
-        stats.hincrby(STATS, "images_labeled", report.images_labeled)
+        stats.hincrbyfloat(keys.STATS, "shard_seconds_sum", time.perf_counter() - began)
+        stats.hincrby(keys.STATS, "shards_labeled", 1)
+        stats.hincrby(keys.STATS, "images_labeled", report.images_labeled)
         stats.execute()
         status = labelset.array("status")[start:stop]
     if jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
@@ -250,11 +221,7 @@ def label_shard(self, job_id: str, shard: int) -> None:
         complete_job(jobs, job_id, dataset_for(job.dataset), labelset)
 
 
-def enqueue_registration(name: str, attempt: str) -> None:
-    register_dataset.apply_async(args=(name, attempt), task_id=f"register:{name}:{attempt}")
-
-
-@app.task(bind=True, name="labeler.register_dataset", autoretry_for=TRANSIENT,
+@app.task(bind=True, name=REGISTER_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def register_dataset(self, name: str, attempt: str) -> str | None:
     """Scan the folder of registration ``name`` (this ``attempt`` of it) and write the dataset.

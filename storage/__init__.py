@@ -4,6 +4,7 @@ from storage.dataset import Dataset
 from storage.errors import DatasetChangedError, LabelSetMismatchError, StoreError
 from storage.labelset import (
     ARRAY_NAMES,
+    LABEL_ARRAYS,
     LabelBlock,
     LabelSet,
     LabelSetConfig,
@@ -19,6 +20,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "IMAGE_SUFFIXES",
+    "LABEL_ARRAYS",
     "Dataset",
     "DatasetChangedError",
     "ImageStatus",

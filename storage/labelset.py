@@ -116,7 +116,6 @@ class LabelBlock:
         return np.where(np.isfinite(self.lse), exact, fallback)
 
 
-ARRAY_NAMES = ("logits", "classes", "lse", "global_logits", "global_classes", "status")
 # Attrs added after labeling, by ``LabelSet.record_summary`` (see docs/store-format.md).
 SUMMARY_ATTRS = ("agreement", "label_quality")
 
@@ -132,7 +131,9 @@ class ArraySpec:
 
 
 def array_specs(topk: int, grid: tuple[int, int], num_classes: int) -> dict[str, ArraySpec]:
-    """The arrays of a label set, in ARRAY_NAMES order (status last)."""
+    """The arrays of a label set: the one table of them. ``ARRAY_NAMES`` (and so the store's
+    reads and writes, verify, the importer's blocks, the labeler's outputs and the REST image
+    route) follow its order, status last. ``LabelBlock`` has one field per array, in order."""
     (h, w), cdt = grid, class_dtype(num_classes)
     f16, f32, i8 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.int8)
     return {
@@ -143,6 +144,10 @@ def array_specs(topk: int, grid: tuple[int, int], num_classes: int) -> dict[str,
         "global_classes": ArraySpec((topk,), cdt, -1, _INT_CODECS),
         "status": ArraySpec((), i8, int(ImageStatus.PENDING), _INT_CODECS),
     }
+
+
+ARRAY_NAMES = tuple(array_specs(1, (1, 1), 2))
+LABEL_ARRAYS = ARRAY_NAMES[:-1]  # what a teacher writes; ``status`` records each image's outcome
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from storage import (
+    ARRAY_NAMES,
     FORMAT,
     FORMAT_VERSION,
+    LABEL_ARRAYS,
     DatasetChangedError,
     ImageStatus,
+    LabelBlock,
     LabelSetConfig,
     LabelSetMismatchError,
     Store,
@@ -35,6 +38,17 @@ def random_block(labelset, shard: int, rng: np.random.Generator):
     block.global_classes[:] = rng.integers(0, labelset.teacher.num_classes, size=(n, k))
     block.status[:] = rng.choice([0, 0, 0, 1, 3], size=n)
     return block
+
+
+def test_one_table_of_arrays():
+    """array_specs is the table; LabelBlock, the names and the REST image schema follow it."""
+    from dataclasses import fields
+
+    from labeler_service.api.schemas import ImageLabels
+
+    assert [f.name for f in fields(LabelBlock)] == ["start", *ARRAY_NAMES]
+    assert ARRAY_NAMES[-1] == "status" and ARRAY_NAMES[:-1] == LABEL_ARRAYS
+    assert set(LABEL_ARRAYS) <= set(ImageLabels.model_fields)
 
 
 @pytest.mark.parametrize("url", [False, True], ids=["path", "file-url"])

@@ -11,6 +11,7 @@ import torch
 
 from labeler_service.sample import make_random_checkpoint
 from labeler_service.teacher import DenseTeacher, TeacherError, build_teacher, file_sha256
+from storage import LABEL_ARRAYS
 
 
 def test_dense_mean_equals_model_logits(checkpoint: Path):
@@ -98,9 +99,11 @@ def test_labels_stay_float32_under_autocast(checkpoint: Path):
 
     pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
     runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "bf16")
-    logits, classes, lse, global_logits, global_classes = runner(pixels)
-    assert (logits.dtype, classes.dtype, lse.dtype) == (np.float16, np.int16, np.float32)
-    assert global_logits.shape == (3, 2) and global_classes.dtype == np.int16
+    out = runner(pixels)
+    assert list(out) == list(LABEL_ARRAYS)  # the store's label arrays, by name
+    assert (out["logits"].dtype, out["classes"].dtype, out["lse"].dtype) == (
+        np.float16, np.int16, np.float32)
+    assert out["global_logits"].shape == (3, 2) and out["global_classes"].dtype == np.int16
 
 
 def test_input_size_must_tile_the_stride(checkpoint: Path):

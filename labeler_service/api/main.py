@@ -17,10 +17,10 @@ from labeler_service.api.metrics import Metrics
 from labeler_service.api.routes import datasets, health, jobs, labelsets
 from labeler_service.api.schemas import Problem
 from labeler_service.jobs import JobStore
+from labeler_service.queue import app as celery_app
+from labeler_service.queue import configure, enqueue_plan
 from labeler_service.registrations import RegistrationStore
 from labeler_service.settings import Settings, get_settings
-from labeler_service.tasks import app as celery_app
-from labeler_service.tasks import configure
 from storage import Store
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True,
                                                socket_timeout=5, health_check_interval=30)
         app.state.store = Store.open(settings.store)
-        app.state.jobs = JobStore(app.state.redis, app.state.store, settings.job_ttl_seconds)
+        app.state.jobs = JobStore(app.state.redis, app.state.store, settings.job_ttl_seconds,
+                                  enqueue_plan)
         app.state.registrations = RegistrationStore(app.state.redis, settings.job_ttl_seconds,
                                                     stale_after=settings.visibility_timeout)
         try:

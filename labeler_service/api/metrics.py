@@ -7,7 +7,8 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from labeler_service.jobs import STATES, JobStore
-from labeler_service.tasks import QUEUES, STATS
+from labeler_service.keys import STATS, WORKER_PATTERN
+from labeler_service.queue import QUEUES
 
 
 class Metrics:
@@ -49,5 +50,5 @@ class Metrics:
         self.shard_seconds.set(float(stats.get("shard_seconds_sum", 0)))
         for queue in QUEUES:
             self.queue.labels(queue).set(client.llen(queue))
-        self.workers.set(sum(1 for _ in client.scan_iter("labeler:worker:*", count=1000)))
+        self.workers.set(sum(1 for _ in client.scan_iter(WORKER_PATTERN, count=1000)))
         return generate_latest(self.registry)

@@ -24,10 +24,10 @@ from fastapi.testclient import TestClient
 
 from labeler_service.api.main import create_app
 from labeler_service.api.schemas import JobCreate
+from labeler_service.queue import REGISTRATION_QUEUE
 from labeler_service.registrations import describe, run_registration
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
-from labeler_service.tasks import REGISTRATION_QUEUE
 from storage import Store, StoreError
 from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
 

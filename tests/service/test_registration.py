@@ -12,8 +12,8 @@ import redis
 from click.testing import CliRunner
 
 from labeler_service.cli import main
+from labeler_service.queue import REGISTRATION_QUEUE
 from labeler_service.sample import make_sample_images
-from labeler_service.tasks import REGISTRATION_QUEUE
 from storage import Store
 from tests.service.conftest import JOB, Cluster
 

@@ -17,8 +17,8 @@ from fastapi import APIRouter, HTTPException, Response, status
 from labeler_service.api.deps import RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut, Problem
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
+from labeler_service.queue import enqueue_registration
 from labeler_service.registrations import Registration, RegistrationStore
-from labeler_service.tasks import enqueue_registration
 from storage import Dataset, Store, StoreError
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])

@@ -15,7 +15,7 @@ from labeler_service.api.routes.datasets import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.jobs import Job, JobStore, resolved_labelset_key
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
-from labeler_service.tasks import enqueue_plan
+from labeler_service.queue import enqueue_plan
 from storage import LabelSet
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

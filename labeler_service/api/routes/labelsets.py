@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from labeler_service.api.deps import StoreDep
 from labeler_service.api.schemas import ImageLabels, LabelSetOut
 from labeler_service.heatmap import render_heatmap
-from storage import ARRAY_NAMES, ImageStatus, LabelBlock, LabelSet, Store
+from storage import ARRAY_NAMES, LABEL_ARRAYS, ImageStatus, LabelBlock, LabelSet, Store
 
 router = APIRouter(prefix="/labelsets", tags=["labelsets"])
 NPY = "application/x-npy"
@@ -34,8 +34,10 @@ def read_image(labelset: LabelSet, index: int) -> LabelBlock:
     return labelset.read_image(index)
 
 
-def nan_to_none(values: np.ndarray) -> list:
-    """JSON has no NaN: unknown values (not labeled, imported lse) become null."""
+def to_json(values: np.ndarray) -> list:
+    """Nested lists; JSON has no NaN, so unknown floats (not labeled, imported lse) are null."""
+    if values.dtype.kind != "f":
+        return values.tolist()
     return np.where(np.isnan(values), None, values.astype(np.float64)).tolist()
 
 
@@ -74,10 +76,7 @@ def get_image_labels(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep
     return ImageLabels(
         labelset=labelset.id, index=index, path=str(path), status=code,
         status_description=ImageStatus(code).description, grid=list(labelset.grid),
-        topk=labelset.topk, logits=nan_to_none(block.logits[0]),
-        classes=block.classes[0].tolist(), lse=nan_to_none(block.lse[0]),
-        global_logits=nan_to_none(block.global_logits[0]),
-        global_classes=block.global_classes[0].tolist())
+        topk=labelset.topk, **{name: to_json(getattr(block, name)[0]) for name in LABEL_ARRAYS})
 
 
 @router.get("/{labelset_id}/images/{index}/heatmap.png", response_class=Response,
