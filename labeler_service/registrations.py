@@ -29,7 +29,7 @@ import redis
 from labeler_service import keys
 from labeler_service.keys import now
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
-from storage import DatasetChangedError, Store, StoreError
+from storage import Dataset, DatasetChangedError, Store, StoreError
 from storage.manifest import FileOutsideRoot
 
 STATES = ("registering", "ready", "failed")
@@ -293,3 +293,24 @@ def run_registration(registrations: RegistrationStore, store: Store, data_root: 
         return "failed"
     registrations.finish(name, attempt, "ready", num_images=dataset.num_images)
     return "ready"
+
+
+def ready_dataset(store: Store, name: str) -> Dataset | None:
+    """The dataset if the store holds it complete (one being written has no attrs yet)."""
+    try:
+        return store.dataset(name)
+    except (KeyError, StoreError):
+        return None
+
+
+def lookup(store: Store, registrations: RegistrationStore,
+           name: str) -> Dataset | Registration | None:
+    """The dataset if ready, else its registration (in progress or failed), else None."""
+    dataset = ready_dataset(store, name)
+    if dataset is not None:
+        return dataset
+    registration = registrations.get(name)
+    if registration is not None and registration.state == "ready":
+        # Written between the two reads (or removed from the store since): the store decides.
+        return ready_dataset(store, name)
+    return registration

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh dev
 .venv/bin/ruff check .
+.venv/bin/mypy  # storage/ (pyproject.toml [tool.mypy])
 .venv/bin/python -m pytest -q "$@"

@@ -77,8 +77,9 @@ class TeacherSpec:
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> TeacherSpec:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v
-                      for k, v in attrs.items() if k in names})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in attrs.items() if k in names}
+        return cls(**values)
 
 
 def class_dtype(num_classes: int) -> np.dtype:

@@ -86,7 +86,7 @@ def _is_regular_file(path: str) -> bool:
         raise
 
 
-def list_image_files(root: Path, confine_to: Path | None = None,
+def list_image_files(root: Path, confine_to: str | Path | None = None,
                      progress: Progress | None = None) -> list[str]:
     """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths.
 
@@ -148,7 +148,7 @@ def probe_image(path: Path) -> tuple[str, int, int]:
     return digest, width, height
 
 
-def scan_image_folder(root: Path, max_workers: int = 8, confine_to: Path | None = None,
+def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path | None = None,
                       progress: Progress | None = None) -> Manifest:
     """Build the manifest of every image under ``root``.
 
@@ -183,9 +183,9 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: Path | None 
             # rather than hashing the rest of the tree before the error surfaces.
             pool.shutdown(wait=True, cancel_futures=True)
 
-    top_dirs = [p.split("/", 1)[0] if "/" in p else None for p in paths]
-    if paths and all(top_dirs):
-        class_names = tuple(sorted(set(top_dirs)))
+    if paths and all("/" in p for p in paths):
+        top_dirs = [p.split("/", 1)[0] for p in paths]
+        class_names: tuple[str, ...] = tuple(sorted(set(top_dirs)))
         index = {name: i for i, name in enumerate(class_names)}
         labels = [index[d] for d in top_dirs]
     else:

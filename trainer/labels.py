@@ -9,8 +9,7 @@ geometry):
    :func:`image_box_to_grid` expresses the same box in label-grid coordinates.
 3. :func:`roi_align_labels` crops the dense maps to those boxes with RoIAlign, at 14x14 for the
    patch tokens and 1x1 for the class token, and mirrors the maps of horizontally flipped samples.
-   The image goes through the same box with :func:`resized_crop_tensor` (or torchvision's
-   ``resized_crop`` in the data code).
+   The image goes through the same box in the data code (``TokenLabelStream.load_image``).
 
 Coordinates. Image pixel ``(col, row)`` covers the continuous square ``[col, col + 1) x
 [row, row + 1)``, so a crop box ``(x1, y1, x2, y2)`` takes columns ``x1 .. x2 - 1``. With
@@ -34,13 +33,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "CropBox",
     "densify",
     "image_box_to_grid",
-    "resized_crop_tensor",
     "roi_align_labels",
     "sample_crop",
 ]
@@ -261,17 +258,3 @@ def outside_reach(boxes: torch.Tensor, grid: Sequence[int]) -> int:
     over = torch.stack([-boxes[:, 0], -boxes[:, 1], boxes[:, 2] - w, boxes[:, 3] - h]).max()
     over = float(over)
     return 0 if over <= 0 else math.ceil(over) + 1
-
-
-def resized_crop_tensor(image: torch.Tensor, box: Sequence[int], size: int | Sequence[int],
-                        flip: bool = False, antialias: bool = True) -> torch.Tensor:
-    """Crop ``image`` ``[..., H, W]`` to the pixel box ``(x1, y1, x2, y2)``, resize, maybe flip.
-
-    The image-side twin of :func:`roi_align_labels` for the same box: ``size`` is an int (square
-    output) or ``(h, w)``; bilinear resampling.
-    """
-    x1, y1, x2, y2 = (int(v) for v in box)
-    out_size = [size, size] if isinstance(size, int) else list(size)
-    out = TF.resized_crop(image, top=y1, left=x1, height=y2 - y1, width=x2 - x1, size=out_size,
-                          interpolation=TF.InterpolationMode.BILINEAR, antialias=antialias)
-    return TF.horizontal_flip(out) if flip else out

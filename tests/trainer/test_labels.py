@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torchvision.transforms as T
+from torchvision.transforms.v2 import functional as TF
 
 from trainer.labels import (
     CropBox,
     densify,
     image_box_to_grid,
-    resized_crop_tensor,
     roi_align_labels,
     sample_crop,
 )
@@ -22,6 +22,18 @@ from trainer.loss import (
     soft_cross_entropy,
     token_labeling_loss,
 )
+
+
+def resized_crop_tensor(image: torch.Tensor, box, size: int, flip: bool = False) -> torch.Tensor:
+    """The image side of a crop: ``image`` [..., H, W] cropped to the pixel box (x1, y1, x2, y2),
+    resized to ``size`` x ``size`` (bilinear), maybe flipped; the labels' twin is
+    ``roi_align_labels`` with the same box."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    out = TF.resized_crop(image, top=y1, left=x1, height=y2 - y1, width=x2 - x1,
+                          size=[size, size], interpolation=TF.InterpolationMode.BILINEAR,
+                          antialias=True)
+    return TF.horizontal_flip(out) if flip else out
+
 
 # ---------------------------------------------------------------------------------------------
 # densify

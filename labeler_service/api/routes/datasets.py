@@ -18,8 +18,8 @@ from labeler_service.api.deps import RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut, Problem
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
 from labeler_service.queue import enqueue_registration
-from labeler_service.registrations import Registration, RegistrationStore
-from storage import Dataset, Store, StoreError
+from labeler_service.registrations import Registration, lookup, ready_dataset
+from storage import Dataset
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 RETRY_AFTER_SECONDS = "5"  # a scan takes seconds to many minutes
@@ -40,41 +40,6 @@ def registration_out(registration: Registration, response: Response | None = Non
                       class_names=None, fingerprint=None, created_at=None, labelsets=[],
                       files_scanned=registration.files_scanned,
                       files_total=registration.files_total, error=registration.error)
-
-
-def ready_dataset(store: Store, name: str) -> Dataset | None:
-    """The dataset if the store holds it complete (one being written has no attrs yet)."""
-    try:
-        return store.dataset(name)
-    except (KeyError, StoreError):
-        return None
-
-
-def lookup(store: Store, registrations: RegistrationStore,
-           name: str) -> Dataset | Registration | None:
-    """The dataset if ready, else its registration (in progress or failed), else None."""
-    dataset = ready_dataset(store, name)
-    if dataset is not None:
-        return dataset
-    registration = registrations.get(name)
-    if registration is not None and registration.state == "ready":
-        # Written between the two reads (or removed from the store since): the store decides.
-        return ready_dataset(store, name)
-    return registration
-
-
-def find_dataset(store: Store, registrations: RegistrationStore, name: str) -> Dataset:
-    """A ready dataset, for routes that use one: 404 if unknown, 409 if not ready."""
-    found = lookup(store, registrations, name)
-    if found is None:
-        raise HTTPException(404, f"no dataset {name!r}")
-    if isinstance(found, Registration):
-        if found.state == "registering":
-            raise HTTPException(409, f"dataset {name!r} is still registering: poll "
-                                     f"GET /v1/datasets/{name} until its state is ready")
-        raise HTTPException(409, f"dataset {name!r} failed to register ({found.error}); "
-                                 "POST /v1/datasets again to retry")
-    return found
 
 
 def already_registered(dataset: Dataset, directory: Path) -> DatasetOut:

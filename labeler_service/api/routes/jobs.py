@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi import Path as PathParam
 
 from labeler_service.api.deps import JobsDep, RedisDep, RegistrationsDep, SettingsDep, StoreDep
-from labeler_service.api.routes.datasets import find_dataset
+from labeler_service.api.lookups import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.jobs import Job, JobStore, resolved_labelset_key
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
