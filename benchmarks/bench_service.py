@@ -136,7 +136,11 @@ def run(args) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError((scratch / "service.log").read_text())
         r = client.post("/v1/datasets", json={"name": "bench", "path": "images"})
-        assert r.status_code == 201, r.text
+        assert r.status_code in (201, 202), r.text
+        while r.json()["state"] == "registering":  # a worker scans the folder: off the clock
+            time.sleep(0.1)
+            r = client.get("/v1/datasets/bench")
+        assert r.json()["state"] == "ready", r.text
 
         job_body = {"dataset": "bench", "topk": 5, "ignore_dataset_classes": True,
                     "teacher": {"model": args.model, "checkpoint": "teacher.pth",

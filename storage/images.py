@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -37,13 +39,34 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-def read_image_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
+def read_image_bytes(path: Path, expected_sha256: str | None = None,
+                     root: Path | str | None = None) -> bytes:
+    """The bytes of image file ``path``, or :class:`ImageRejected` saying why not.
+
+    Only a regular file is read, and opening never blocks: a FIFO, device or directory put where
+    an image was is refused, not waited on. With ``root``, a path that resolves outside it (a
+    symlink placed after registration) is refused: reads are confined when they happen, not
+    only when the folder was scanned.
+    """
+    if root is not None:
+        real, limit = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, limit]) != limit:
+            raise ImageRejected(ImageStatus.OUTSIDE_ROOT, f"{path}: resolves outside {root}")
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ImageRejected(ImageStatus.MISSING_FILE, f"{path}: file not found") from None
     except OSError as e:
-        raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e}") from None
+        raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageRejected(ImageStatus.NOT_A_FILE, f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if not data:
         raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:

@@ -15,6 +15,9 @@ class ImageStatus(IntEnum):
     CHANGED_FILE = 5  # sha256 differs from the manifest
     LABEL_FILE_MISSING = 6  # import: no label file for this image
     LABEL_FILE_INVALID = 7  # import: label file unreadable or of the wrong shape
+    NOT_A_FILE = 8  # a directory, FIFO, socket or device where the image was
+    OUTSIDE_ROOT = 9  # resolves outside the dataset's folder (a symlink out)
+    SHARD_GAVE_UP = 10  # its shard's task died or timed out on every delivery
 
     @property
     def description(self) -> str:
@@ -31,4 +34,7 @@ _DESCRIPTIONS = {
     ImageStatus.CHANGED_FILE: "file changed since the dataset was registered",
     ImageStatus.LABEL_FILE_MISSING: "no label file to import",
     ImageStatus.LABEL_FILE_INVALID: "label file unreadable or of the wrong shape",
+    ImageStatus.NOT_A_FILE: "not a regular file (a directory, FIFO, socket or device)",
+    ImageStatus.OUTSIDE_ROOT: "the path resolves outside the dataset folder",
+    ImageStatus.SHARD_GAVE_UP: "its shard's labeling crashed or timed out on every delivery",
 }

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import time
 import warnings
 import zlib
 from collections.abc import Callable
@@ -155,9 +157,34 @@ def test_missing_and_changed_files(tmp_path: Path):
     assert changed.status == ImageStatus.CHANGED_FILE
     assert "a.png" in changed.reason
 
-    directory = tmp_path / "dir.jpg"  # a directory with an image suffix: an OSError, not a crash
+    directory = tmp_path / "dir.jpg"  # a directory with an image suffix: refused, not a crash
     directory.mkdir()
-    assert rejected(lambda: read_image_bytes(directory)).status == ImageStatus.UNREADABLE
+    assert rejected(lambda: read_image_bytes(directory)).status == ImageStatus.NOT_A_FILE
+
+
+def test_a_fifo_in_place_of_an_image_is_refused_without_blocking(tmp_path: Path):
+    """No writer will ever come: a plain open() would wait for ever (issue 13, item 7)."""
+    fifo = tmp_path / "a.jpg"
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    error = rejected(lambda: read_image_bytes(fifo, "0" * 64))
+    assert error.status == ImageStatus.NOT_A_FILE and time.monotonic() - began < 1
+
+
+def test_a_symlink_out_of_the_root_is_refused_at_read_time(tmp_path: Path):
+    """Placed after registration: the read, not only the scan, is confined (item 13)."""
+    (tmp_path / "data").mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(encode(noise_rgb(), "PNG"))
+    link = tmp_path / "data" / "x.png"
+    link.symlink_to(secret)
+    error = rejected(lambda: read_image_bytes(link, root=tmp_path / "data"))
+    assert error.status == ImageStatus.OUTSIDE_ROOT
+    assert read_image_bytes(link, root=tmp_path) == secret.read_bytes()  # inside this root
+    inside = tmp_path / "data" / "y.png"
+    inside.symlink_to(tmp_path / "data" / "x.png")  # a link within the root to a link out
+    assert rejected(lambda: read_image_bytes(inside, root=tmp_path / "data")).status \
+        == ImageStatus.OUTSIDE_ROOT
 
 
 def test_pixel_limit():
