@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from storage import LabelBlock, TeacherSpec
-from storage.images import to_rgb
+from storage.images import open_rgb, to_rgb
 
 MAX_SIDE = 512
 LEGEND_ROWS = 5
@@ -29,10 +29,12 @@ def class_colour(class_id: int) -> tuple[int, int, int]:
     return rgb
 
 
-def render_heatmap(image_path: str, block: LabelBlock, class_names: Sequence[str]) -> bytes:
-    with Image.open(image_path) as img:
-        img.draft("RGB", (MAX_SIDE, MAX_SIDE))
-        picture = to_rgb(ImageOps.exif_transpose(img))
+def render_heatmap(data: bytes, block: LabelBlock, class_names: Sequence[str],
+                   max_pixels: int) -> bytes:
+    """The heatmap PNG over the image file's bytes ``data``. A JPEG decodes at reduced scale
+    (``draft``); other formats decode whole, so ``max_pixels`` bounds the memory one render
+    takes. Raises ImageRejected for a source that is not a usable image or is too large."""
+    picture = open_rgb(data, max_pixels, draft_size=MAX_SIDE)
     picture.thumbnail((MAX_SIDE, MAX_SIDE))
     width, height = picture.size
 

@@ -49,6 +49,12 @@ if total >= 0 and done >= total and redis.call('HGET', KEYS[1], 'state') == 'run
 end
 return added
 """
+# Note that a job's plan was sent, on the job's own record only (never creating a stub of one).
+_MARK_ENQUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'enqueued', 1)
+return 1
+"""
 # Move an active job to a terminal state; a job already finished keeps its state.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -138,6 +144,7 @@ class JobStore:
         self.enqueue_plan = enqueue_plan  # queues a recovered job's plan (labeler_service.queue)
         self._shard_done = client.register_script(_SHARD_DONE)
         self._finish = client.register_script(_FINISH)
+        self._mark_enqueued = client.register_script(_MARK_ENQUEUED)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -314,8 +321,25 @@ class JobStore:
             self.r.expire(self.done_key(job_id), self.ttl)
             return Job.from_hash(self.r.hgetall(self.key(job_id)))
         else:
-            self.enqueue_plan(job_id)
+            self.enqueue(job_id)
         return job
+
+    def enqueue(self, job_id: str) -> None:
+        """Queue the job's plan, then note that it was queued (``enqueued``): a job created but
+        never queued (the API died between the two) is found by :meth:`requeue_unsent`."""
+        self.enqueue_plan(job_id)
+        self._mark_enqueued(keys=[self.key(job_id)])
+
+    def requeue_unsent(self) -> list[str]:
+        """Queue every queued job whose plan was never sent (run at API start). A plan sent
+        twice is harmless: planning counts what the store holds and queues only the rest."""
+        unsent = []
+        for job_id in self.r.zrange(self.INDEX, 0, -1):
+            state, enqueued = self.r.hmget(self.key(job_id), "state", "enqueued")
+            if state == "queued" and not enqueued:
+                self.enqueue(job_id)
+                unsent.append(job_id)
+        return unsent
 
     def recover_all(self) -> list[str]:
         """Recover every job the store knows and Redis does not (run at API start)."""

@@ -31,6 +31,10 @@ def job_shards(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:shards"  # set of shards counted as done
 
 
+def job_deliveries(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:deliveries"  # hash: shard -> shard task deliveries so far
+
+
 def registration(name: str) -> str:
     return f"{PREFIX}registration:{name}"  # hash: one dataset's registration
 

@@ -60,6 +60,7 @@ class LabelingOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_size: int = DEFAULT_SHARD_SIZE
     chunk_size: int | None = None  # None: the store's default for the shard size
+    decode_timeout: float = 300.0  # s per batch; then the decoding processes are restarted
     progress: bool = True
 
 
@@ -225,8 +226,9 @@ class ImageDecoder:
     """
 
     def __init__(self, images: ImageFileDataset, num_workers: int, pin_memory: bool,
-                 source: tuple = ()) -> None:
+                 source: tuple = (), timeout: float = 300.0) -> None:
         self.images, self.num_workers, self.pin_memory = images, num_workers, pin_memory
+        self.timeout = timeout  # per batch, with decoding processes: a stuck read ends here
         self.source = source  # what it decodes: see ``decoded_source``
         self._batches = BatchList()
         self._loader: DataLoader | None = None  # made (its processes started) at the first pass
@@ -241,7 +243,8 @@ class ImageDecoder:
         workers = (default_workers(device) if options.num_workers is None
                    else options.num_workers)
         return cls(images, workers, pin_memory=device.type == "cuda",
-                   source=decoded_source(dataset, labelset, options))
+                   source=decoded_source(dataset, labelset, options),
+                   timeout=options.decode_timeout)
 
     def __call__(self, batches: list[list[int]]) -> Iterator[DecodedBatch]:
         """The decoded batches, in order. A pass left unfinished is dropped by the next one."""
@@ -253,7 +256,8 @@ class ImageDecoder:
                 self.images, batch_sampler=self._batches, num_workers=self.num_workers,
                 collate_fn=collate, pin_memory=self.pin_memory,
                 prefetch_factor=2 if self.num_workers else None,
-                persistent_workers=self.num_workers > 0)
+                persistent_workers=self.num_workers > 0,
+                timeout=self.timeout if self.num_workers else 0)
         return self._pass(self._loader)
 
     def _pass(self, loader: DataLoader) -> Iterator[DecodedBatch]:
@@ -262,7 +266,8 @@ class ImageDecoder:
         except Exception as e:
             # Whatever broke the pass may have broken the processes too: start new ones next.
             self._loader = None
-            if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+            if isinstance(e, RuntimeError) and ("DataLoader worker" in str(e)
+                                                or "DataLoader timed out" in str(e)):
                 raise DecodingProcessDied(str(e)) from e
             raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 
@@ -31,3 +32,20 @@ def is_kind(path: Path, kind: str) -> bool:
         return path.is_dir() if kind == "dir" else path.is_file()
     except OSError:
         return False
+
+
+MAX_REASON_CHARS = 500  # a reason a client sees: one line, bounded
+
+
+def public_reason(text: str, roots: Sequence[Path | str] = (),
+                  store_location: str | None = None) -> str:
+    """``text`` as a client may see it: paths under ``roots`` (the data and checkpoint roots)
+    relative to them, the store's location as ``<store>``, one line, at most
+    ``MAX_REASON_CHARS``. Clients see neither server path nor a multi-kilobyte traceback."""
+    for root in roots:
+        for form in {str(Path(root).resolve()), str(root)}:
+            text = text.replace(form.rstrip("/") + "/", "")
+    if store_location:
+        text = text.replace(str(store_location).rstrip("/"), "<store>")
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"

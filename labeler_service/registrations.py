@@ -28,7 +28,7 @@ import redis
 
 from labeler_service import keys
 from labeler_service.keys import now
-from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
+from labeler_service.paths import PathOutsideRoot, is_kind, public_reason, resolve_inside
 from storage import Dataset, DatasetChangedError, Store, StoreError
 from storage.manifest import FileOutsideRoot
 
@@ -235,10 +235,7 @@ def describe(error: BaseException, data_root: Path, store_location: str | None =
         reason = f"cannot read the folder: {error}"
     else:
         reason = f"{type(error).__name__}: {error}"
-    reason = reason.replace(f"{Path(data_root).resolve()}/", "")
-    if store_location:
-        reason = reason.replace(str(store_location).rstrip("/"), "<store>")
-    return reason
+    return public_reason(reason, [data_root], store_location)
 
 
 def run_registration(registrations: RegistrationStore, store: Store, data_root: Path,

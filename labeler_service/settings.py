@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     task_time_limit: int | None = Field(None, ge=5, description="Hard limit per shard task; "
                                         "default 80 % of the visibility timeout.")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    heatmap_max_pixels: int = Field(40_000_000, ge=1, description="Largest source image a "
+                                    "heatmap is drawn over (a PNG decodes whole: ~4 bytes/px).")
+    heatmap_concurrency: int = Field(4, ge=1, description="Heatmaps rendered at once per API "
+                                     "process; more wait briefly, then get 503.")
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=86400, description="Finished jobs kept.")
     # Worker side.
     device: str = "cuda"
@@ -35,6 +39,12 @@ class Settings(BaseSettings):
     decode_workers: int | None = None
     max_pixels: int | None = None
     shard_size: int = Field(1024, ge=1)
+    max_shard_deliveries: int = Field(8, ge=1, description="Deliveries of one shard task "
+                                      "(retries and redeliveries after a crash or a time-out "
+                                      "included) before its images are failed and the job goes "
+                                      "on without them.")
+    decode_timeout: float = Field(300.0, gt=0, description="Seconds a batch may take to decode "
+                                  "before the decoding processes are restarted.")
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -28,9 +28,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import redis
-from celery import signals
+from celery import Task, signals
+from celery.exceptions import TimeLimitExceeded
 
 from labeler_service import keys
+from labeler_service.paths import public_reason
 from labeler_service.queue import (
     PLAN_TASK,
     QUEUES,
@@ -119,10 +121,18 @@ def labeling_options():
     settings = get_settings()
     options = LabelingOptions(batch_size=settings.batch_size, num_workers=settings.decode_workers,
                               device=settings.device, precision=settings.precision,
-                              shard_size=settings.shard_size, progress=False)
+                              shard_size=settings.shard_size,
+                              decode_timeout=settings.decode_timeout, progress=False)
     if settings.max_pixels:
         options.max_pixels = settings.max_pixels
     return options
+
+
+def job_error(error: BaseException) -> str:
+    """A job's ``error`` as clients see it: no server path, one bounded line."""
+    settings = get_settings()
+    return public_reason(f"{type(error).__name__}: {error}",
+                         [settings.data_root, settings.checkpoint_root], settings.store)
 
 
 def heartbeat(client: redis.Redis, hostname: str) -> None:
@@ -131,8 +141,32 @@ def heartbeat(client: redis.Redis, hostname: str) -> None:
 
 # -- tasks ------------------------------------------------------------------------------------
 
-@app.task(bind=True, name=PLAN_TASK, autoretry_for=TRANSIENT, retry_backoff=True,
-          retry_backoff_max=60, max_retries=5)
+class LabelerTask(Task):
+    """Celery runs ``on_failure`` in the worker's parent process when a child is killed at the
+    hard time limit, and then acknowledges the task: without this, the shard would never come
+    back and its job would stay running for ever."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        if self.name == SHARD_TASK:  # again; over_delivered bounds how often
+            log.warning("shard task %s hit the time limit: queued again", task_id)
+            enqueue_shard(*args)
+        elif self.name == PLAN_TASK:
+            client = redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+            try:
+                from labeler_service.jobs import JobStore
+                from storage import Store
+
+                JobStore(client, Store.open(get_settings().store), get_settings().job_ttl_seconds,
+                         enqueue_plan).finish(args[0], "failed", "planning the job took longer "
+                                              "than the task time limit")
+            finally:
+                client.close()
+
+
+@app.task(bind=True, base=LabelerTask, name=PLAN_TASK, autoretry_for=TRANSIENT,
+          retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
     from labeler_service.jobs import resolved_labelset_key
     from labeler_service.labeling import check_class_space, labelset_config
@@ -156,7 +190,12 @@ def plan_job(self, job_id: str) -> None:
             dataset, spec, request["topk"], grid,
             resolve_checkpoint(request["teacher"]["checkpoint"]), get_settings().shard_size))
     except (TeacherError, StoreError, KeyError, ValueError, FileNotFoundError) as e:
-        jobs.finish(job_id, "failed", f"{type(e).__name__}: {e}")
+        jobs.finish(job_id, "failed", job_error(e))
+        return
+    except Exception as e:  # anything else loading the teacher: retried if transient, else
+        if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
+            raise
+        jobs.finish(job_id, "failed", job_error(e))  # the job fails, never stays queued
         return
     checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
     client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
@@ -176,8 +215,32 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
     jobs.finish(job_id, "succeeded", agreement=record_agreement(dataset, labelset))
 
 
-@app.task(bind=True, name=SHARD_TASK, autoretry_for=TRANSIENT, retry_backoff=True,
-          retry_backoff_max=60, max_retries=5)
+def over_delivered(client: redis.Redis, job_id: str, shard: int) -> bool:
+    """Count this delivery of the shard's task; True once it has come more often than
+    ``max_shard_deliveries`` (it crashed its worker or timed out every time)."""
+    key = keys.job_deliveries(job_id)
+    pipe = client.pipeline()
+    pipe.hincrby(key, str(shard), 1)
+    pipe.expire(key, get_settings().job_ttl_seconds)
+    deliveries, _ = pipe.execute()
+    return int(deliveries) > get_settings().max_shard_deliveries
+
+
+def give_up_shard(labelset, shard: int):
+    """Write the shard with every image failed as SHARD_GAVE_UP, so the job goes on; labeling
+    with ``retry_failed`` tries them again. Returns the shard's status."""
+    from storage import ImageStatus
+
+    block = labelset.empty_block(shard)
+    block.status[:] = ImageStatus.SHARD_GAVE_UP
+    labelset.write_shard(shard, block)
+    log.error("label set %s: shard %d crashed or timed out on %d deliveries; its images are "
+              "failed", labelset.id, shard, get_settings().max_shard_deliveries)
+    return block.status
+
+
+@app.task(bind=True, base=LabelerTask, name=SHARD_TASK, autoretry_for=TRANSIENT,
+          retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def label_shard(self, job_id: str, shard: int) -> None:
     from labeler_service.labeling import LabelingReport, label_shards
     from storage import ImageStatus
@@ -188,9 +251,10 @@ def label_shard(self, job_id: str, shard: int) -> None:
     if job is None or job.finished or job.cancel_requested:
         return
     labelset = store.labelset(job.labelset)
-    start, stop = labelset.shard_range(shard)
-    status = labelset.array("status")[start:stop]
-    if (status == ImageStatus.PENDING).any():  # not already written by an earlier delivery
+    status = labelset.shard_status(shard)  # a torn status object reads as pending
+    if (status == ImageStatus.PENDING).any() and over_delivered(client, job_id, shard):
+        status = give_up_shard(labelset, shard)
+    elif (status == ImageStatus.PENDING).any():  # not already written by an earlier delivery
         request = job.request
         runner, _, _ = teacher_for(request["teacher"]["model"],
                                    str(resolve_checkpoint(request["teacher"]["checkpoint"])),
@@ -206,7 +270,7 @@ def label_shard(self, job_id: str, shard: int) -> None:
         except Exception as e:
             if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
                 raise
-            jobs.finish(job_id, "failed", f"shard {shard}: {type(e).__name__}: {e}")
+            jobs.finish(job_id, "failed", f"shard {shard}: {job_error(e)}")
             raise
         if report.stopped:
             return
@@ -215,7 +279,7 @@ def label_shard(self, job_id: str, shard: int) -> None:
         stats.hincrby(keys.STATS, "shards_labeled", 1)
         stats.hincrby(keys.STATS, "images_labeled", report.images_labeled)
         stats.execute()
-        status = labelset.array("status")[start:stop]
+        status = labelset.shard_status(shard)
     if jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
                        int((status > 0).sum())):
         complete_job(jobs, job_id, dataset_for(job.dataset), labelset)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from timm.data import ImageNetInfo
 from torch import nn
 
+from labeler_service.checkpoint_files import checkpoint_problem
 from storage import Dataset, TeacherSpec
 
 # The metadata ``labeler teacher fit`` writes into its .safetensors checkpoints.
@@ -56,9 +57,25 @@ def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A timm state dict from a .pth/.pt/.bin (optionally wrapped) or .safetensors file."""
     if not Path(checkpoint).is_file():
         raise TeacherError(f"checkpoint {checkpoint} does not exist")
+    problem = checkpoint_problem(Path(checkpoint))
+    if problem:
+        raise TeacherError(f"checkpoint {checkpoint}: {problem}")
     # timm's loader handles safetensors, {'state_dict': ...}/{'model': ...} wrappers and the
-    # 'module.' prefix of DDP checkpoints, and loads with weights_only=True.
-    return timm.models.load_state_dict(str(checkpoint))
+    # 'module.' prefix of DDP checkpoints, and loads with weights_only=True (a pickle that
+    # would run code is refused).
+    try:
+        state = timm.models.load_state_dict(str(checkpoint))
+    except Exception as e:  # torch and safetensors raise many kinds for a bad file
+        raise TeacherError(f"checkpoint {checkpoint} cannot be loaded as a state dict "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not state:
+        raise TeacherError(f"checkpoint {checkpoint} holds a {type(state).__name__}, "
+                           "not a state dict")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise TeacherError(f"checkpoint {checkpoint}: {str(bad)[:60]!r} is a "
+                           f"{type(state[bad]).__name__}, not a tensor")
+    return state
 
 
 def fitted_metadata(checkpoint: Path) -> dict[str, Any] | None:

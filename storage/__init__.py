@@ -1,7 +1,12 @@
 """The tokenlabel store: image manifests and dense token labels in Zarr v3 (format v1)."""
 
 from storage.dataset import Dataset
-from storage.errors import DatasetChangedError, LabelSetMismatchError, StoreError
+from storage.errors import (
+    DatasetChangedError,
+    LabelSetMismatchError,
+    ShardUnreadable,
+    StoreError,
+)
 from storage.labelset import (
     ARRAY_NAMES,
     LABEL_ARRAYS,
@@ -29,6 +34,7 @@ __all__ = [
     "LabelSetConfig",
     "LabelSetMismatchError",
     "Manifest",
+    "ShardUnreadable",
     "Store",
     "StoreError",
     "TeacherSpec",

@@ -82,6 +82,14 @@ class Dataset:
             return str(self._manifest.path[index])
         return str(self.group["manifest"]["path"][index])
 
+    def image_sha256(self, index: int) -> str:
+        """One image's registered sha256, read alone (as :meth:`image_path`)."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image {index} outside [0, {self.num_images})")
+        if self._manifest is not None:
+            return str(self._manifest.sha256[index])
+        return str(self.group["manifest"]["sha256"][index])
+
     # -- label sets -------------------------------------------------------------------------
 
     def labelset_ids(self) -> list[str]:

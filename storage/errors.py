@@ -9,5 +9,16 @@ class DatasetChangedError(StoreError):
     """A dataset was registered again from a directory whose contents changed."""
 
 
+class ShardUnreadable(StoreError):
+    """A stored label array could not be decoded (a corrupt or truncated shard object).
+    ``labeler store verify --repair`` marks such shards pending, so labeling rewrites them."""
+
+    def __init__(self, labelset_id: str, array: str, shard: int, cause: BaseException):
+        super().__init__(f"label set {labelset_id}: the {array!r} array of shard {shard} is "
+                         f"unreadable ({type(cause).__name__}); `labeler store verify --repair` "
+                         "marks it for labeling again")
+        self.labelset_id, self.array, self.shard = labelset_id, array, shard
+
+
 class LabelSetMismatchError(StoreError):
     """A label set exists under this id with a different configuration, or a write does not fit."""

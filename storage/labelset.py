@@ -24,7 +24,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from storage.errors import LabelSetMismatchError, StoreError
+from storage.errors import LabelSetMismatchError, ShardUnreadable, StoreError
 from storage.status import ImageStatus
 
 # fp16 logits compress best with bit shuffling; small integers compress best without shuffling.
@@ -324,6 +324,15 @@ class LabelSet:
     def status(self) -> np.ndarray:
         return self.read_status()[0]
 
+    def shard_status(self, index: int) -> np.ndarray:
+        """One shard's per-image status; a torn status object reads as pending (as in
+        :meth:`read_status`), so labeling rewrites the shard rather than failing on it."""
+        start, stop = self.shard_range(index)
+        try:
+            return self.array("status")[start:stop]
+        except Exception:
+            return np.full(stop - start, ImageStatus.PENDING, np.int8)
+
     def pending_shards(self, status: np.ndarray | None = None,
                        retry_failed: bool = False) -> list[int]:
         """Shards not yet written (any image at -1); ``retry_failed`` adds shards with failures."""
@@ -343,7 +352,9 @@ class LabelSet:
 
     def empty_block(self, index: int) -> LabelBlock:
         """A block covering shard ``index``, filled with the "not labeled" fill values."""
-        start, stop = self.shard_range(index)
+        return self.empty_range(*self.shard_range(index))
+
+    def empty_range(self, start: int, stop: int) -> LabelBlock:
         return LabelBlock(start=start, **{
             name: np.full((stop - start, *spec.shape), spec.fill, spec.dtype)
             for name, spec in self.specs.items()})
@@ -381,18 +392,39 @@ class LabelSet:
     def read_block(self, start: int, stop: int) -> LabelBlock:
         """Labels of images [start, stop) (use whole shards for streaming).
 
-        The six arrays are read concurrently: zarr-python's fixed cost per call, not decoding,
-        dominates a shard read, and overlapping the calls hides most of it.
+        The arrays are read concurrently: zarr-python's fixed cost per call, not decoding,
+        dominates a shard read, and overlapping the calls hides most of it. A torn ``status``
+        object reads as pending, with fill values in every array (as :meth:`read_status`); any
+        other array that cannot be decoded raises :class:`ShardUnreadable` naming it.
         """
         if not 0 <= start <= stop <= self.num_images:
             raise IndexError(f"[{start}, {stop}) is outside [0, {self.num_images})")
 
         arrays = [self.array(name).async_array for name in ARRAY_NAMES]  # opened outside the loop
 
-        async def read_all() -> list[np.ndarray]:
-            return await asyncio.gather(*(a.getitem(slice(start, stop)) for a in arrays))
+        async def read_all() -> list[np.ndarray | BaseException]:
+            return await asyncio.gather(*(a.getitem(slice(start, stop)) for a in arrays),
+                                        return_exceptions=True)
 
-        return LabelBlock(start, **dict(zip(ARRAY_NAMES, sync(read_all()), strict=True)))
+        values = dict(zip(ARRAY_NAMES, sync(read_all()), strict=True))
+        if isinstance(values["status"], BaseException):  # torn: nothing here counts as written
+            return self.empty_range(start, stop)
+        for name, value in values.items():
+            if isinstance(value, BaseException):
+                raise ShardUnreadable(self.id, name, start // self.shard_size, value)
+        return LabelBlock(start, **values)
+
+    def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """One array over images [start, stop): what a reader needing one array pays (a torn
+        ``status`` reads as pending; another undecodable array raises ShardUnreadable)."""
+        if not 0 <= start <= stop <= self.num_images:
+            raise IndexError(f"[{start}, {stop}) is outside [0, {self.num_images})")
+        try:
+            return self.array(name)[start:stop]
+        except Exception as e:
+            if name == "status":
+                return np.full(stop - start, ImageStatus.PENDING, np.int8)
+            raise ShardUnreadable(self.id, name, start // self.shard_size, e) from e
 
     def read_shard(self, index: int) -> LabelBlock:
         return self.read_block(*self.shard_range(index))

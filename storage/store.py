@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from storage.dataset import Dataset
 from storage.errors import DatasetChangedError, StoreError
@@ -66,6 +70,18 @@ class Store:
             raise StoreError(f"{location} has store format version {attrs.get('format_version')}; "
                              f"this code reads version {FORMAT_VERSION}")
         return cls(root, location)
+
+    def check_writable(self) -> None:
+        """Write and delete a small probe object; StoreError saying so if the store refuses
+        (a read-only mount, a full disk, no permission)."""
+        key = f"probe-{os.getpid()}-{secrets.token_hex(4)}"
+        store = self.root.store_path.store
+        try:
+            sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
+            sync(store.delete(key))
+        except Exception as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise StoreError(f"the store cannot be written ({reason})") from None
 
     # -- datasets ---------------------------------------------------------------------------
 

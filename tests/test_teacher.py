@@ -109,3 +109,55 @@ def test_labels_stay_float32_under_autocast(checkpoint: Path):
 def test_input_size_must_tile_the_stride(checkpoint: Path):
     with pytest.raises(TeacherError, match="not a multiple of test_nfnet's stride 32"):
         build_teacher("test_nfnet", checkpoint, 100)
+
+
+def _not_checkpoints(tmp_path: Path, checkpoint: Path) -> dict[str, Path]:
+    """Files that are not checkpoints, each as a user might put one in the checkpoint root."""
+    files = {}
+
+    def put(name: str, data: bytes) -> None:
+        files[name] = tmp_path / name
+        files[name].write_bytes(data)
+
+    good = checkpoint.read_bytes()
+    put("empty.pt", b"")
+    put("text.pth", b"this is a README, not weights\n" * 4)
+    put("truncated.safetensors", good[:len(good) // 2])
+    put("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"x" * 64)
+    put("huge-header.safetensors", b"\xff" * 8 + b"{}")
+    torch.save([torch.zeros(2)], tmp_path / "a-list.pt")
+    files["a-list.pt"] = tmp_path / "a-list.pt"
+    torch.save({"w": torch.zeros(2), "step": "ten"}, tmp_path / "non-tensor.pt")
+    files["non-tensor.pt"] = tmp_path / "non-tensor.pt"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    torch.save({"w": RunsCode()}, tmp_path / "runs-code.pt")
+    files["runs-code.pt"] = tmp_path / "runs-code.pt"
+    return files
+
+
+def test_anything_that_is_not_a_checkpoint_is_a_teacher_error(tmp_path: Path, checkpoint: Path,
+                                                               capsys):
+    """Every kind fails with a one-line TeacherError naming the file (issue 13, items 4, 18),
+    never a KeyError or a traceback; a pickle that would run code is not run."""
+    for name, path in _not_checkpoints(tmp_path, checkpoint).items():
+        with pytest.raises(TeacherError) as caught:
+            build_teacher("test_nfnet", path, 64)
+        message = str(caught.value)
+        assert name in message and "\n" not in message and len(message) < 600, (name, message)
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_the_cheap_check_refuses_what_needs_no_torch_to_refuse(tmp_path: Path, checkpoint: Path):
+    from labeler_service.checkpoint_files import checkpoint_problem
+
+    files = _not_checkpoints(tmp_path, checkpoint)
+    refused = {name for name, path in files.items() if checkpoint_problem(path)}
+    assert refused == {"empty.pt", "text.pth", "truncated.safetensors", "garbage.safetensors",
+                       "huge-header.safetensors"}
+    assert checkpoint_problem(checkpoint) is None  # the real one passes
+    torch.save({"w": torch.zeros(2)}, tmp_path / "fine.pt")
+    assert checkpoint_problem(tmp_path / "fine.pt") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         configure(celery_app, settings)  # jobs go to this app's Redis, whatever the environment
         app.state.settings = settings
+        app.state.heatmap_renders = threading.BoundedSemaphore(settings.heatmap_concurrency)
         app.state.api_keys = [k.encode() for k in settings.api_key_list()]
         if not app.state.api_keys:
             log.warning("no API keys configured (LABELER_API_KEYS): every /v1 request gets 401")
@@ -78,6 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             recovered = app.state.jobs.recover_all()
             if recovered:
                 log.warning("recovered %d jobs Redis had lost: %s", len(recovered), recovered)
+            unsent = app.state.jobs.requeue_unsent()
+            if unsent:
+                log.warning("queued %d jobs whose plan was never sent: %s", len(unsent), unsent)
         except redis.RedisError as e:
             log.error("Redis unreachable at start (%s); /readyz will say so", e)
         yield

@@ -8,20 +8,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from labeler_service.api.deps import RedisDep, StoreDep
 from labeler_service.api.problems import problem
+from labeler_service.paths import public_reason
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_class=PlainTextResponse)
-def healthz() -> str:
-    """The process is up."""
+async def healthz() -> str:
+    """The process is up. (async: answered on the event loop, never behind busy worker
+    threads.)"""
     return "ok"
 
 
 @router.get("/readyz", response_class=PlainTextResponse,
-            responses={503: {"description": "Redis or the store is unreachable"}})
+            responses={503: {"description": "Redis or the store is unreachable, or the store "
+                                            "cannot be written"}})
 def readyz(client: RedisDep, store: StoreDep) -> Response:
-    """Redis answers and the store is readable."""
+    """Redis answers, and the store is readable and writable (jobs write to it)."""
     failures = []
     try:
         client.ping()
@@ -29,8 +32,9 @@ def readyz(client: RedisDep, store: StoreDep) -> Response:
         failures.append(f"redis: {e}")
     try:
         store.dataset_names()
+        store.check_writable()
     except Exception as e:
-        failures.append(f"store: {e}")
+        failures.append(f"store: {public_reason(str(e), store_location=store.location)}")
     if failures:
         return problem(503, "; ".join(failures))
     return PlainTextResponse("ready")

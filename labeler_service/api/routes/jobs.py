@@ -13,14 +13,14 @@ from fastapi import Path as PathParam
 from labeler_service.api.deps import JobsDep, RedisDep, RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.lookups import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
+from labeler_service.checkpoint_files import checkpoint_problem
+from labeler_service.idempotency import IdempotencyConflict, IdempotencyKeys
 from labeler_service.jobs import Job, JobStore, resolved_labelset_key
-from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
-from labeler_service.queue import enqueue_plan
-from storage import LabelSet
+from labeler_service.paths import PathOutsideRoot, is_kind, public_reason, resolve_inside
+from storage import LabelSet, StoreError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 RETRY_AFTER_SECONDS = "2"
-IDEMPOTENCY_TTL = 24 * 3600
 JOB_ID_PATH = PathParam(pattern=r"^job-[0-9a-f]+-[0-9a-f]+$", max_length=64)
 
 
@@ -50,6 +50,9 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
     if not is_kind(checkpoint, "file"):
         raise HTTPException(422, f"no checkpoint {body.teacher.checkpoint!r} under the "
                                  "checkpoint root")
+    problem = checkpoint_problem(checkpoint)  # cheap: its header only, no torch
+    if problem:
+        raise HTTPException(422, f"checkpoint {body.teacher.checkpoint!r}: {problem}")
     if body.teacher.model not in timm.list_models():
         raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
     return checkpoint
@@ -69,29 +72,6 @@ def complete_labelset(client: RedisDep, store: StoreDep, dataset: str, request: 
     return labelset if labelset.is_complete() else None
 
 
-def idempotency_redis_key(key: str) -> str:
-    return f"labeler:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def claim_idempotency_key(client: RedisDep, key: str, fingerprint: str) -> str | None:
-    """The job id an earlier request with this key made, or None if this request is the first."""
-    redis_key = idempotency_redis_key(key)
-    if client.set(redis_key, json.dumps({"body": fingerprint, "job": ""}), nx=True,
-                  ex=IDEMPOTENCY_TTL):
-        return None
-    seen = json.loads(client.get(redis_key) or "{}")
-    if seen.get("body") != fingerprint:
-        raise HTTPException(422, "this Idempotency-Key was used with another request body")
-    if not seen.get("job"):
-        raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
-    return seen["job"]
-
-
-def record_idempotency_key(client: RedisDep, key: str, fingerprint: str, job_id: str) -> None:
-    client.set(idempotency_redis_key(key), json.dumps({"body": fingerprint, "job": job_id}),
-               ex=IDEMPOTENCY_TTL)
-
-
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={400: {"description": "Checkpoint path outside its root"},
                         404: {"description": "No such dataset"},
@@ -107,27 +87,36 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
     checkpoint = check_request(body, settings, store, registrations)
     request = body.model_dump(exclude={"dataset"})
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    idempotency = IdempotencyKeys(client)
     if idempotency_key:
-        earlier = claim_idempotency_key(client, idempotency_key, fingerprint)
+        try:
+            earlier = idempotency.claim(idempotency_key, fingerprint)
+        except IdempotencyConflict as e:
+            raise HTTPException(e.status, str(e)) from None
         if earlier is not None:
             job = find_job(jobs, earlier)
             response.headers["Location"] = f"/v1/jobs/{job.id}"
             return with_retry_after(job, response)
     try:
         job = jobs.create(body.dataset, request)
-    except Exception:
+    except Exception as e:
         if idempotency_key:  # let a retry with the same key through
-            client.delete(idempotency_redis_key(idempotency_key))
+            idempotency.release(idempotency_key)
+        if isinstance(e, OSError | StoreError):
+            raise HTTPException(503, public_reason(f"the store cannot be written: {e}",
+                                                   store_location=store.location)) from None
         raise
-    if idempotency_key:
-        record_idempotency_key(client, idempotency_key, fingerprint, job.id)
     done = complete_labelset(client, store, body.dataset, request, checkpoint)
     if done is not None:  # nothing to label: the job succeeds at once
         jobs.start_from_store(job.id, done)
         jobs.finish(job.id, "succeeded", agreement=done.attrs.get("agreement"))
         job = jobs.get(job.id)
     else:
-        enqueue_plan(job.id)
+        jobs.enqueue(job.id)
+    # Only now: a recorded key always names a job that was queued. (A crash before this leaves a
+    # queued job that the API's start-up queues again; the in-flight key expires in seconds.)
+    if idempotency_key:
+        idempotency.record(idempotency_key, fingerprint, job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return with_retry_after(job, response)
 

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import io
-from typing import Annotated
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
-from labeler_service.api.deps import StoreDep
+from labeler_service.api.deps import SettingsDep, StoreDep
 from labeler_service.api.schemas import ImageLabels, LabelSetOut
 from labeler_service.heatmap import render_heatmap
-from storage import ARRAY_NAMES, LABEL_ARRAYS, ImageStatus, LabelBlock, LabelSet, Store
+from storage import ARRAY_NAMES, LABEL_ARRAYS, ImageStatus, LabelSet, ShardUnreadable, Store
+from storage.images import ImageRejected, read_image_bytes
 
 router = APIRouter(prefix="/labelsets", tags=["labelsets"])
 NPY = "application/x-npy"
 LabelSetId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9._-]{1,200}$")]
 ImageIndex = Annotated[int, PathParam(ge=0)]
+T = TypeVar("T")
 
 
 def find_labelset(store: Store, labelset_id: str) -> LabelSet:
@@ -28,10 +33,24 @@ def find_labelset(store: Store, labelset_id: str) -> LabelSet:
         raise HTTPException(404, f"no label set {labelset_id!r}") from None
 
 
-def read_image(labelset: LabelSet, index: int) -> LabelBlock:
+def check_index(labelset: LabelSet, index: int) -> None:
     if index >= labelset.num_images:
         raise HTTPException(404, f"label set {labelset.id} has {labelset.num_images} images")
-    return labelset.read_image(index)
+
+
+def readable(read: Callable[[], T]) -> T:
+    """``read()``, with an undecodable stored array answered as a 503 naming the label set,
+    the array and the shard (never the store's path)."""
+    try:
+        return read()
+    except ShardUnreadable as e:
+        raise HTTPException(503, str(e)) from None
+
+
+def accepts_npy(accept: str | None) -> bool:
+    """``Accept`` lists application/x-npy itself (not a longer type that contains it)."""
+    return bool(accept) and any(part.split(";")[0].strip().lower() == NPY
+                                for part in accept.split(","))
 
 
 def to_json(values: np.ndarray) -> list:
@@ -55,6 +74,8 @@ def get_labelset(labelset_id: LabelSetId, store: StoreDep) -> LabelSetOut:
 
 @router.get("/{labelset_id}/images/{index}", response_model=ImageLabels,
             responses={404: {"description": "Not found"},
+                       503: {"description": "A stored array of this image's shard cannot be "
+                                            "decoded (labeler store verify --repair)"},
                        200: {"content": {NPY: {"schema": {"type": "string",
                                                           "format": "binary"}}},
                              "description": "JSON, or one array as .npy with Accept: " + NPY}})
@@ -64,13 +85,15 @@ def get_image_labels(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep
                                                  description="Which array, for .npy")] = "logits",
                      ) -> ImageLabels | Response:
     """Top-K label maps of image ``index``: JSON, or ``Accept: application/x-npy`` for one
-    array (``?array=``) in NumPy's .npy format."""
+    array (``?array=``) in NumPy's .npy format (only that array is read)."""
     labelset = find_labelset(store, labelset_id)
-    block = read_image(labelset, index)
-    if accept and NPY in accept:
+    check_index(labelset, index)
+    if accepts_npy(accept):
         buffer = io.BytesIO()
-        np.save(buffer, getattr(block, array)[0], allow_pickle=False)
+        np.save(buffer, readable(lambda: labelset.read_array(array, index, index + 1))[0],
+                allow_pickle=False)
         return Response(buffer.getvalue(), media_type=NPY)
+    block = readable(lambda: labelset.read_image(index))
     path = store.dataset(labelset.dataset).image_path(index)
     code = int(block.status[0])
     return ImageLabels(
@@ -79,17 +102,44 @@ def get_image_labels(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep
         topk=labelset.topk, **{name: to_json(getattr(block, name)[0]) for name in LABEL_ARRAYS})
 
 
+# What a heatmap's source file failing to read answers: gone, changed, or not an image now.
+SOURCE_ERRORS = {ImageStatus.MISSING_FILE: 410, ImageStatus.CHANGED_FILE: 409,
+                 ImageStatus.NOT_A_FILE: 409, ImageStatus.OUTSIDE_ROOT: 409,
+                 ImageStatus.TOO_MANY_PIXELS: 422}
+RENDER_WAIT_SECONDS = 0.5  # a waiting request holds a worker thread: keep it short
+
+
 @router.get("/{labelset_id}/images/{index}/heatmap.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "Not found"},
-                       409: {"description": "The image is not labeled"}})
-def get_heatmap(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep) -> Response:
+                       409: {"description": "The image is not labeled, or its file changed "
+                                            "since registration"},
+                       410: {"description": "The image file is gone"},
+                       422: {"description": "The image is too large to draw over"},
+                       503: {"description": "Too many heatmaps being drawn; retry"}})
+def get_heatmap(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep,
+                settings: SettingsDep, request: Request) -> Response:
     """The image with its top-1 class map overlaid, opacity by confidence, and a legend."""
     labelset = find_labelset(store, labelset_id)
-    block = read_image(labelset, index)
+    check_index(labelset, index)
+    block = readable(lambda: labelset.read_image(index))
     if block.status[0] != ImageStatus.LABELED:
         raise HTTPException(409, f"image {index} is not labeled: "
                                  f"{ImageStatus(int(block.status[0])).description}")
     dataset = store.dataset(labelset.dataset)
-    image_path = f"{dataset.source_root}/{dataset.image_path(index)}"
-    png = render_heatmap(image_path, block, labelset.teacher.class_names)
+    renders: threading.BoundedSemaphore = request.app.state.heatmap_renders
+    if not renders.acquire(timeout=RENDER_WAIT_SECONDS):
+        raise HTTPException(503, "too many heatmaps are being drawn; retry shortly",
+                            headers={"Retry-After": "2"})
+    try:
+        # As labeling reads it: a regular file, inside the dataset's folder now, with the
+        # registered contents (a file replaced since is not drawn over someone else's labels).
+        data = read_image_bytes(Path(dataset.source_root) / dataset.image_path(index),
+                                dataset.image_sha256(index), root=dataset.source_root)
+        png = render_heatmap(data, block, labelset.teacher.class_names,
+                             settings.heatmap_max_pixels)
+    except ImageRejected as e:
+        raise HTTPException(SOURCE_ERRORS.get(e.status, 409),
+                            f"image {index}: {e.status.description}") from None
+    finally:
+        renders.release()
     return Response(png, media_type="image/png")
