@@ -22,7 +22,7 @@ from labeler_service.queue import app as celery_app
 from labeler_service.queue import configure, enqueue_plan
 from labeler_service.registrations import RegistrationStore
 from labeler_service.settings import Settings, get_settings
-from storage import Store
+from storage import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("queued %d jobs whose plan was never sent: %s", len(unsent), unsent)
         except redis.RedisError as e:
             log.error("Redis unreachable at start (%s); /readyz will say so", e)
+        except (OSError, StoreError) as e:  # a read-only or unreachable store: serve anyway
+            log.error("the store could not be read or written at start (%s); /readyz will "
+                      "say so", e)
         yield
         app.state.redis.close()
 

@@ -1,0 +1,247 @@
+"""Issue 13's adversarial cases against the REST API in-process (FastAPI's TestClient, the real
+Redis, a real store labeled here): files changed under a label set, corrupt and torn shards, a
+read-only store, files that are not checkpoints. Each answers a problem+json with a reason and
+names no server path; nothing is a 500."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from labeler_service.api.main import create_app
+from labeler_service.idempotency import IN_FLIGHT_TTL, IdempotencyKeys
+from labeler_service.labeling import LabelingOptions, label_dataset
+from labeler_service.sample import make_random_checkpoint, make_sample_images
+from labeler_service.settings import Settings
+from storage import Store
+from tests.service.conftest import JOB, REDIS_URL
+
+AUTH = {"Authorization": "Bearer k1"}
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def clean_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def labeled(tmp_path: Path) -> tuple[Path, str]:
+    """data/toy (12 images), a checkpoint, and a store with toy labeled in 3 shards of 4."""
+    make_sample_images(tmp_path / "data" / "toy", per_class=4)
+    checkpoint = make_random_checkpoint(tmp_path / "checkpoints" / "teacher.safetensors",
+                                        num_classes=3)
+    store = Store.open(tmp_path / "store")
+    store.add_dataset("toy", tmp_path / "data" / "toy")
+    report = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2,
+                           LabelingOptions(batch_size=4, num_workers=0, shard_size=4,
+                                           progress=False))
+    return tmp_path, report.labelset_id
+
+
+def settings(root: Path, **overrides) -> Settings:
+    return Settings(store=str(root / "store"), data_root=root / "data",
+                    checkpoint_root=root / "checkpoints", redis_url=REDIS_URL, api_keys="k1",
+                    **overrides)
+
+
+@contextlib.contextmanager
+def api(root: Path, **overrides) -> Iterator[TestClient]:
+    with TestClient(create_app(settings(root, **overrides)), headers=AUTH) as client:
+        yield client
+
+
+def problem(r, status: int, root: Path | None = None) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith(PROBLEM)
+    detail = r.json()["detail"]
+    if root is not None:
+        assert str(root) not in r.text, r.text  # no server path
+    return detail
+
+
+def image_file(root: Path, index: int) -> Path:
+    dataset = Store.open(root / "store", mode="r").dataset("toy")
+    return Path(dataset.source_root) / dataset.image_path(index)
+
+
+def shard_object(root: Path, labelset_id: str, array: str, shard: int) -> Path:
+    folder = root / "store" / "datasets" / "toy" / "labels" / labelset_id / array / "c"
+    objects = sorted(p for p in folder.rglob("*") if p.is_file()
+                     and p.relative_to(folder).parts[0] == str(shard))
+    assert objects, f"no shard object for {array} shard {shard}"
+    return objects[0]
+
+
+# -- 1, 13, 15: heatmaps of files changed since registration -----------------------------------
+
+def test_heatmap_of_a_deleted_changed_replaced_or_linked_out_image(labeled, clean_redis):
+    root, labelset_id = labeled
+    url = f"/v1/labelsets/{labelset_id}/images/{{}}/heatmap.png"
+    with api(root) as client:
+        assert client.get(url.format(0)).headers["content-type"] == "image/png"
+
+        image_file(root, 0).unlink()
+        assert "file missing" in problem(client.get(url.format(0)), 410, root)
+        assert client.get(f"/v1/labelsets/{labelset_id}/images/0").status_code == 200
+
+        image_file(root, 1).write_bytes(image_file(root, 2).read_bytes())  # another image now
+        assert "changed" in problem(client.get(url.format(1)), 409, root)
+
+        image_file(root, 2).unlink()
+        os.mkfifo(image_file(root, 2))  # would block a plain open() for ever
+        began = time.monotonic()
+        assert "regular file" in problem(client.get(url.format(2)), 409, root)
+        assert time.monotonic() - began < 2
+
+        secret = root / "secret.png"  # outside the data root, with the registered bytes
+        shutil.copy(image_file(root, 3), secret)
+        image_file(root, 3).unlink()
+        image_file(root, 3).symlink_to(secret)
+        assert "outside" in problem(client.get(url.format(3)), 409, root)
+
+
+def test_heatmap_pixels_and_renders_are_bounded(labeled, clean_redis):
+    root, labelset_id = labeled
+    with api(root, heatmap_max_pixels=1000) as client:  # every sample image is larger
+        assert "too many pixels" in problem(
+            client.get(f"/v1/labelsets/{labelset_id}/images/0/heatmap.png"), 422, root)
+    with api(root, heatmap_concurrency=1) as client:
+        client.app.state.heatmap_renders.acquire()  # one render in progress, holding the slot
+        r = client.get(f"/v1/labelsets/{labelset_id}/images/0/heatmap.png")
+        assert "too many heatmaps" in problem(r, 503) and r.headers["retry-after"]
+        client.app.state.heatmap_renders.release()
+        assert client.get(f"/v1/labelsets/{labelset_id}/images/0/heatmap.png").status_code \
+            == 200
+
+
+# -- 2, 6: corrupt and torn shards ------------------------------------------------------------
+
+def test_a_corrupt_logits_shard_is_a_503_for_its_images_only(labeled, clean_redis):
+    root, labelset_id = labeled
+    shard_object(root, labelset_id, "logits", 1).write_bytes(os.urandom(300))
+    with api(root) as client:
+        detail = problem(client.get(f"/v1/labelsets/{labelset_id}/images/5"), 503, root)
+        assert labelset_id in detail and "'logits'" in detail and "shard 1" in detail
+        npy = {"Accept": "application/x-npy"}
+        for array in ("status", "lse", "classes"):  # the other arrays are still served
+            r = client.get(f"/v1/labelsets/{labelset_id}/images/5", params={"array": array},
+                           headers=npy)
+            assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+        problem(client.get(f"/v1/labelsets/{labelset_id}/images/5",
+                           params={"array": "logits"}, headers=npy), 503, root)
+        problem(client.get(f"/v1/labelsets/{labelset_id}/images/5/heatmap.png"), 503, root)
+        assert client.get(f"/v1/labelsets/{labelset_id}/images/0").status_code == 200
+        assert client.get(f"/v1/labelsets/{labelset_id}/images/9").status_code == 200
+
+
+def test_a_torn_status_shard_reads_as_pending(labeled, clean_redis):
+    root, labelset_id = labeled
+    shard_object(root, labelset_id, "status", 2).write_bytes(b"\x00torn")
+    with api(root) as client:
+        r = client.get(f"/v1/labelsets/{labelset_id}/images/9")
+        assert r.status_code == 200 and r.json()["status"] == -1
+        assert client.get(f"/v1/labelsets/{labelset_id}").json()["shards_done"] == 2
+        assert client.get(f"/v1/labelsets/{labelset_id}/images/0").json()["status"] == 0
+
+
+def test_accept_must_name_npy_itself(labeled, clean_redis):
+    root, labelset_id = labeled
+    with api(root) as client:
+        r = client.get(f"/v1/labelsets/{labelset_id}/images/0",
+                       headers={"Accept": "application/x-npyz"})
+        assert r.headers["content-type"].startswith("application/json")
+        r = client.get(f"/v1/labelsets/{labelset_id}/images/0",
+                       headers={"Accept": "text/html, application/x-npy;q=0.9"})
+        assert r.headers["content-type"] == "application/x-npy"
+
+
+# -- 3: a read-only store ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only for this process: a read-only bind mount as root (whom permissions
+    do not stop), the write bits removed otherwise."""
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+            yield
+        finally:
+            subprocess.run(["umount", str(path)], check=True)
+    else:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+
+def test_a_read_only_store_is_not_ready_and_refuses_jobs_with_503(labeled, clean_redis):
+    root, _ = labeled
+    with read_only(root / "store"), api(root) as client:
+        assert "cannot be written" in problem(client.get("/readyz"), 503, root)
+        detail = problem(client.post("/v1/jobs", json=JOB), 503, root)
+        assert "cannot be written" in detail
+        assert client.get("/v1/jobs").json()["jobs"] == []  # nothing half-made
+    with api(root) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/v1/jobs", json=JOB).status_code == 202
+
+
+# -- 4, 18: files that are not checkpoints ------------------------------------------------------
+
+@pytest.mark.parametrize("name,data", [
+    ("empty.pt", b""),
+    ("readme.pth", b"weights are elsewhere\n"),
+    ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"x" * 64),
+])
+def test_a_file_that_is_plainly_no_checkpoint_is_422_at_post(labeled, clean_redis, name, data):
+    root, _ = labeled
+    (root / "checkpoints" / name).write_bytes(data)
+    with api(root) as client:
+        body = {**JOB, "teacher": {**JOB["teacher"], "checkpoint": name}}
+        detail = problem(client.post("/v1/jobs", json=body), 422, root)
+        assert name in detail and "\n" not in detail
+        assert client.get("/v1/jobs").json()["jobs"] == []
+
+
+# -- 5: idempotency keys in flight ------------------------------------------------------------
+
+def test_an_in_flight_key_expires_in_seconds(clean_redis):
+    keys = IdempotencyKeys(clean_redis)
+    assert keys.claim("order-1", "body") is None
+    (stored,) = clean_redis.keys("labeler:idempotency:*")
+    assert 0 < clean_redis.ttl(stored) <= IN_FLIGHT_TTL <= 60
+    keys.record("order-1", "body", "job-1")
+    assert clean_redis.ttl(stored) > 3600 and keys.claim("order-1", "body") == "job-1"
+
+
+def test_a_queued_job_whose_plan_was_never_sent_is_queued_at_start(labeled, clean_redis):
+    """The API died between creating the job and queueing its plan: the next start queues it."""
+    root, _ = labeled
+    with api(root) as client:
+        jobs = client.app.state.jobs
+        job = jobs.create("toy", {k: v for k, v in JOB.items() if k != "dataset"})
+        sent = jobs.requeue_unsent()
+        assert sent == [job.id]
+        assert jobs.requeue_unsent() == []  # once
+    planned = [m for m in clean_redis.lrange("labeling", 0, -1) if job.id in m]
+    assert len(planned) == 1
