@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
 from labeler_service import keys
 from labeler_service.keys import now
-from storage import ImageStatus, LabelSet, Store
+from storage import LabelSet, Store
 
 ACTIVE_STATES = ("queued", "running")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -79,14 +80,18 @@ def resolved_labelset_key(dataset_fingerprint: str, request: dict[str, Any],
     return keys.resolved_labelset(key)
 
 
-def progress_in_store(labelset: LabelSet) -> dict[str, Any]:
-    """A label set's progress as its shard completion records tell it."""
+def progress_in_store(labelset: LabelSet, retry_failed: bool = False) -> dict[str, Any]:
+    """A label set's progress as its shard completion records tell it; with ``retry_failed``
+    the shards holding failed images count as not done (the job labels them again)."""
     status = labelset.status()
-    pending = set(labelset.pending_shards(status))
-    counted = status[status != ImageStatus.PENDING]
+    todo = set(labelset.pending_shards(status, retry_failed=retry_failed))
+    done = np.ones(labelset.num_images, bool)
+    for shard in todo:
+        done[slice(*labelset.shard_range(shard))] = False
+    counted = status[done]
     return {"images_total": labelset.num_images, "shards_total": labelset.num_shards,
             "images_done": int(counted.size), "images_failed": int((counted > 0).sum()),
-            "shards_done": [s for s in range(labelset.num_shards) if s not in pending]}
+            "shards_done": [s for s in range(labelset.num_shards) if s not in todo]}
 
 
 def new_job_id() -> str:
@@ -174,10 +179,11 @@ class JobStore:
             raise
         return job
 
-    def start_from_store(self, job_id: str, labelset: LabelSet) -> list[int]:
+    def start_from_store(self, job_id: str, labelset: LabelSet,
+                         retry_failed: bool = False) -> list[int]:
         """Count what the store already holds for this job's label set, mark the job running,
         and return the shards still to label (none: the caller completes the job)."""
-        progress = progress_in_store(labelset)
+        progress = progress_in_store(labelset, retry_failed)
         self.start(job_id, labelset.id, **progress)
         done = set(progress["shards_done"])
         return [s for s in range(labelset.num_shards) if s not in done]

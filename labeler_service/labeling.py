@@ -60,7 +60,6 @@ class LabelingOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_size: int = DEFAULT_SHARD_SIZE
     chunk_size: int | None = None  # None: the store's default for the shard size
-    decode_timeout: float = 300.0  # s per batch; then the decoding processes are restarted
     progress: bool = True
 
 
@@ -226,9 +225,8 @@ class ImageDecoder:
     """
 
     def __init__(self, images: ImageFileDataset, num_workers: int, pin_memory: bool,
-                 source: tuple = (), timeout: float = 300.0) -> None:
+                 source: tuple = ()) -> None:
         self.images, self.num_workers, self.pin_memory = images, num_workers, pin_memory
-        self.timeout = timeout  # per batch, with decoding processes: a stuck read ends here
         self.source = source  # what it decodes: see ``decoded_source``
         self._batches = BatchList()
         self._loader: DataLoader | None = None  # made (its processes started) at the first pass
@@ -243,8 +241,7 @@ class ImageDecoder:
         workers = (default_workers(device) if options.num_workers is None
                    else options.num_workers)
         return cls(images, workers, pin_memory=device.type == "cuda",
-                   source=decoded_source(dataset, labelset, options),
-                   timeout=options.decode_timeout)
+                   source=decoded_source(dataset, labelset, options))
 
     def __call__(self, batches: list[list[int]]) -> Iterator[DecodedBatch]:
         """The decoded batches, in order. A pass left unfinished is dropped by the next one."""
@@ -256,18 +253,26 @@ class ImageDecoder:
                 self.images, batch_sampler=self._batches, num_workers=self.num_workers,
                 collate_fn=collate, pin_memory=self.pin_memory,
                 prefetch_factor=2 if self.num_workers else None,
-                persistent_workers=self.num_workers > 0,
-                timeout=self.timeout if self.num_workers else 0)
+                # No DataLoader timeout: with one, a dead worker is noticed only when it ends.
+                # A shard's deadline is the task's hard time limit (tasks.LabelerTask).
+                persistent_workers=self.num_workers > 0)
         return self._pass(self._loader)
+
+    def close(self) -> None:
+        """End the decoding processes now, not at a later garbage collection (each holds
+        hundreds of MB); the next pass starts new ones."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)  # a persistent loader's live workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def _pass(self, loader: DataLoader) -> Iterator[DecodedBatch]:
         try:
             yield from loader  # a persistent loader's iter() first drains an unfinished pass
         except Exception as e:
             # Whatever broke the pass may have broken the processes too: start new ones next.
-            self._loader = None
-            if isinstance(e, RuntimeError) and ("DataLoader worker" in str(e)
-                                                or "DataLoader timed out" in str(e)):
+            self.close()
+            if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
                 raise DecodingProcessDied(str(e)) from e
             raise
 

@@ -43,8 +43,6 @@ class Settings(BaseSettings):
                                       "(retries and redeliveries after a crash or a time-out "
                                       "included) before its images are failed and the job goes "
                                       "on without them.")
-    decode_timeout: float = Field(300.0, gt=0, description="Seconds a batch may take to decode "
-                                  "before the decoding processes are restarted.")
     log_level: str = "INFO"
 
     @model_validator(mode="after")

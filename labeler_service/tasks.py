@@ -27,6 +27,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import redis
 from celery import Task, signals
 from celery.exceptions import TimeLimitExceeded
@@ -121,8 +122,7 @@ def labeling_options():
     settings = get_settings()
     options = LabelingOptions(batch_size=settings.batch_size, num_workers=settings.decode_workers,
                               device=settings.device, precision=settings.precision,
-                              shard_size=settings.shard_size,
-                              decode_timeout=settings.decode_timeout, progress=False)
+                              shard_size=settings.shard_size, progress=False)
     if settings.max_pixels:
         options.max_pixels = settings.max_pixels
     return options
@@ -181,6 +181,10 @@ def plan_job(self, job_id: str) -> None:
     request = job.request
     try:
         dataset = dataset_for(job.dataset)
+        if not Path(dataset.source_root).is_dir():
+            # Otherwise every image would be recorded as missing and the job would "succeed".
+            raise FileNotFoundError(f"the images of dataset {job.dataset!r} are not reachable "
+                                    "(the folder was moved or unmounted?)")
         _, spec, grid = teacher_for(request["teacher"]["model"],
                                     str(resolve_checkpoint(request["teacher"]["checkpoint"])),
                                     request["teacher"]["input_size"], request["topk"])
@@ -200,7 +204,7 @@ def plan_job(self, job_id: str) -> None:
     checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
     client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
                ex=get_settings().job_ttl_seconds)
-    todo = jobs.start_from_store(job_id, labelset)
+    todo = jobs.start_from_store(job_id, labelset, bool(request.get("retry_failed")))
     if not todo:
         complete_job(jobs, job_id, dataset, labelset)
     for shard in todo:
@@ -209,9 +213,19 @@ def plan_job(self, job_id: str) -> None:
 
 def complete_job(jobs, job_id: str, dataset, labelset) -> None:
     """Every shard is written: measure the label set's agreement, record it, then succeed (in
-    that order, so a job reads succeeded only with its figures)."""
+    that order, so a job reads succeeded only with its figures). A job in which no image could
+    be labeled fails, with the commonest reason, as ``labeler label`` does."""
     from labeler_service.quality import record_agreement
+    from storage import ImageStatus
 
+    status = labelset.status()
+    if status.size and not (status == ImageStatus.LABELED).any():
+        codes, counts = np.unique(status[status > 0], return_counts=True)
+        common = ImageStatus(int(codes[counts.argmax()])).description if codes.size else "?"
+        jobs.finish(job_id, "failed", f"no image could be labeled: all {status.size} failed "
+                                      f"(mostly: {common}); fix them and POST the job again "
+                                      "with retry_failed")
+        return
     jobs.finish(job_id, "succeeded", agreement=record_agreement(dataset, labelset))
 
 
@@ -252,9 +266,12 @@ def label_shard(self, job_id: str, shard: int) -> None:
         return
     labelset = store.labelset(job.labelset)
     status = labelset.shard_status(shard)  # a torn status object reads as pending
-    if (status == ImageStatus.PENDING).any() and over_delivered(client, job_id, shard):
+    # Not already written by an earlier delivery (or, retrying failures, still failing).
+    todo = (status == ImageStatus.PENDING).any() or (
+        job.request.get("retry_failed") and (status > 0).any())
+    if todo and over_delivered(client, job_id, shard):
         status = give_up_shard(labelset, shard)
-    elif (status == ImageStatus.PENDING).any():  # not already written by an earlier delivery
+    elif todo:
         request = job.request
         runner, _, _ = teacher_for(request["teacher"]["model"],
                                    str(resolve_checkpoint(request["teacher"]["checkpoint"])),
@@ -268,6 +285,8 @@ def label_shard(self, job_id: str, shard: int) -> None:
                                   decoder=decoder_for(job.dataset, labelset.id,
                                                       str(runner.device)))
         except Exception as e:
+            decoder_for(job.dataset, labelset.id, str(runner.device)).close()
+            decoder_for.cache_clear()  # no decoding processes left behind by a failed task
             if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
                 raise
             jobs.finish(job_id, "failed", f"shard {shard}: {job_error(e)}")

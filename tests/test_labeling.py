@@ -233,6 +233,12 @@ def test_one_decoder_serves_many_calls_with_the_same_processes(
     assert len(decoding_pids()) == 2 and not decoding_pids() & pids
     assert_same_labels(labels_of(third, report.labelset_id), labels_of(store, clean.labelset_id))
 
+    # close() ends them at once (a failed shard task closes its decoder: no ~600 MB
+    # processes left until a later garbage collection), and the next pass starts new ones.
+    alive = decoding_pids()
+    decoder.close()
+    assert not decoding_pids() & alive
+    label_shards(labelset, dataset, runner, [0], options, decoder=decoder)  # nothing to do
     del decoder
     deadline = time.monotonic() + 10
     while decoding_pids() and time.monotonic() < deadline:

@@ -68,6 +68,8 @@ class JobCreate(Request):
     teacher: TeacherRequest
     topk: int = Field(5, ge=1, le=1000)
     ignore_dataset_classes: bool = False
+    retry_failed: bool = Field(False, description="Label again the images that failed in an "
+                               "earlier job of the same label set (e.g. files restored).")
 
 
 class Progress(BaseModel):
