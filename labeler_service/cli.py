@@ -306,24 +306,32 @@ def store_group() -> None:
 
 @store_group.command("verify")
 @store_option
+@click.option("--repair", is_flag=True, help="Mark every completed shard that fails a check "
+              "(an array that does not decode, labels missing) for labeling again; the next "
+              "job for its label set rewrites it.")
 @user_errors
-def store_verify(store_location: str) -> None:
-    """Report missing shards, failed images and fingerprint mismatches; exit 1 if inconsistent."""
-    if not echo_verify_report(Store.open(store_location, mode="r")):
+def store_verify(store_location: str, repair: bool) -> None:
+    """Decode and check every array of every completed shard; report missing shards, failed
+    images and fingerprint mismatches; exit 1 if inconsistent (after --repair: if anything is
+    left that labeling cannot fix)."""
+    if not echo_verify_report(Store.open(store_location, mode="a" if repair else "r"), repair):
         raise SystemExit(1)
 
 
-def echo_verify_report(store: Store) -> bool:
+def echo_verify_report(store: Store, repair: bool = False) -> bool:
     from storage.verify import verify_store
 
-    report = verify_store(store)
+    report = verify_store(store, repair)
     for note in report.notes:
         click.echo(f"note: {note}")
     for problem in report.problems:
         click.echo(f"problem: {problem}")
+    if report.repaired:
+        click.echo(f"repaired: {len(report.repaired)} shards marked for labeling again; run "
+                   "the label job again to rewrite them")
     if report.ok:
         click.echo("store is consistent")
-    return report.ok
+    return report.ok or (repair and len(report.problems) == len(report.repaired))
 
 
 @main.command("import-tokenlabeling")

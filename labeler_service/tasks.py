@@ -204,11 +204,28 @@ def plan_job(self, job_id: str) -> None:
     checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
     client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
                ex=get_settings().job_ttl_seconds)
+    if request.get("repair"):
+        repair_completed_shards(labelset)
     todo = jobs.start_from_store(job_id, labelset, bool(request.get("retry_failed")))
     if not todo:
         complete_job(jobs, job_id, dataset, labelset)
     for shard in todo:
         enqueue_shard(job_id, shard)
+
+
+def repair_completed_shards(labelset) -> list[int]:
+    """Mark every completed shard that fails ``labeler store verify``'s checks pending."""
+    from storage.verify import completed_shard_problem
+
+    pending = set(labelset.pending_shards())
+    bad = [s for s in range(labelset.num_shards)
+           if s not in pending and completed_shard_problem(labelset, s)]
+    for shard in bad:
+        labelset.mark_pending(shard)
+    if bad:
+        log.warning("label set %s: %d completed shards failed their checks and are labeled "
+                    "again: %s", labelset.id, len(bad), bad[:20])
+    return bad
 
 
 def complete_job(jobs, job_id: str, dataset, labelset) -> None:

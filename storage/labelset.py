@@ -382,6 +382,11 @@ class LabelSet:
             self._delete_shard_object(arr, index)
             arr[start:stop] = data.astype(arr.dtype, copy=False)
 
+    def mark_pending(self, index: int) -> None:
+        """Shard ``index`` reads as not written (its status object deleted: the fill value, -1,
+        is pending), so labeling writes it whole again. Its other objects stay until then."""
+        self._delete_shard_object(self.array("status"), index)
+
     @staticmethod
     def _delete_shard_object(arr: zarr.Array, index: int) -> None:
         key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))

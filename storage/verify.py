@@ -1,4 +1,6 @@
-"""Consistency checks over a whole store (``labeler store verify``)."""
+"""Consistency checks over a whole store (``labeler store verify``): every array of every
+completed shard is decoded and checked; ``--repair`` marks the shards that fail for labeling
+again."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from storage.errors import StoreError
+from storage.errors import ShardUnreadable, StoreError
 from storage.labelset import ARRAY_NAMES, LabelSet
 from storage.status import ImageStatus
 from storage.store import Store
@@ -17,13 +19,17 @@ from storage.store import Store
 class VerifyReport:
     problems: list[str] = field(default_factory=list)  # inconsistencies: exit non-zero
     notes: list[str] = field(default_factory=list)  # facts worth knowing (failed images)
+    repaired: list[tuple[str, int]] = field(default_factory=list)  # (label set, shard) reset
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_labelset(labelset: LabelSet, fingerprint: str, report: VerifyReport) -> None:
+def verify_labelset(labelset: LabelSet, fingerprint: str, report: VerifyReport,
+                    repair: bool = False) -> None:
+    """Every check of one label set; with ``repair``, completed shards that fail them (and torn
+    status objects) are marked pending, so the next labeling job rewrites them."""
     where = f"{labelset.dataset}/{labelset.id}"
     if labelset.dataset_fingerprint != fingerprint:
         report.problems.append(f"{where}: made for dataset fingerprint "
@@ -49,23 +55,45 @@ def verify_labelset(labelset: LabelSet, fingerprint: str, report: VerifyReport) 
     failed = Counter(int(s) for s in status[status > 0])
     for code, count in sorted(failed.items()):
         report.notes.append(f"{where}: {count} images failed: {ImageStatus(code).description}")
-    # A shard marked done must hold labels for every image it calls labeled.
-    logits, classes = labelset.array("logits"), labelset.array("classes")
     for shard in sorted(set(range(labelset.num_shards)) - set(missing) - set(torn)):
-        start, stop = labelset.shard_range(shard)
-        labeled = status[start:stop] == ImageStatus.LABELED
-        try:
-            bad = labeled & (~np.isfinite(logits[start:stop]).all(axis=(1, 2, 3))
-                             | (classes[start:stop] < 0).any(axis=(1, 2, 3)))
-        except Exception as e:
-            report.problems.append(f"{where}: shard {shard}: labels unreadable ({e})")
-            continue
-        if bad.any():
-            report.problems.append(f"{where}: shard {shard}: {int(bad.sum())} images marked "
-                                   "labeled have no labels")
+        problem = completed_shard_problem(labelset, shard)
+        if problem:
+            report.problems.append(f"{where}: shard {shard}: {problem}" + (
+                "; marked for labeling again" if repair else
+                "; `labeler store verify --repair` marks it for labeling again"))
+            if repair:
+                labelset.mark_pending(shard)
+                report.repaired.append((labelset.id, shard))
+    if repair:
+        for shard in torn:
+            labelset.mark_pending(shard)
+            report.repaired.append((labelset.id, shard))
 
 
-def verify_store(store: Store) -> VerifyReport:
+def completed_shard_problem(labelset: LabelSet, shard: int) -> str | None:
+    """What is wrong with a shard marked done, or None: every array must decode with its
+    shape, and every image it calls labeled must have top-K logits and classes (the lse too,
+    unless the labels were imported, which have none)."""
+    start, stop = labelset.shard_range(shard)
+    try:
+        block = labelset.read_block(start, stop)
+    except ShardUnreadable as e:
+        return f"the {e.array!r} array is unreadable"
+    for name, spec in labelset.specs.items():
+        if getattr(block, name).shape != (stop - start, *spec.shape):
+            return f"the {name!r} array has shape {getattr(block, name).shape}"
+    labeled = block.status == ImageStatus.LABELED
+    no_labels = labeled & (~np.isfinite(block.logits).all(axis=(1, 2, 3))
+                           | (block.classes < 0).any(axis=(1, 2, 3)))
+    if no_labels.any():
+        return f"{int(no_labels.sum())} images marked labeled have no labels"
+    imported = (block.global_classes[labeled] < 0).all() if labeled.any() else True
+    if not imported and not np.isfinite(block.lse[labeled]).all():
+        return "images marked labeled have no logsumexp"
+    return None
+
+
+def verify_store(store: Store, repair: bool = False) -> VerifyReport:
     report = VerifyReport()
     for name in store.dataset_names():
         try:
@@ -85,5 +113,5 @@ def verify_store(store: Store) -> VerifyReport:
             except (StoreError, KeyError) as e:
                 report.problems.append(f"{name}/{labelset_id}: {e}")
                 continue
-            verify_labelset(labelset, dataset.fingerprint, report)
+            verify_labelset(labelset, dataset.fingerprint, report, repair)
     return report

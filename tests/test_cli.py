@@ -115,8 +115,10 @@ def test_demo_runs_the_quickstart(run, tmp_path: Path):
 def shard_object(tmp_path: Path, array: str, shard: int) -> Path:
     (labels,) = (p for p in (tmp_path / "store" / "datasets" / "toy" / "labels").iterdir()
                  if p.is_dir())
-    suffix = "/0/0/0" if array in ("logits", "classes") else ""
-    return labels / array / "c" / f"{shard}{suffix}"
+    folder = labels / array / "c" / str(shard)
+    while folder.is_dir():  # the chunk key has one part per dimension: c/<shard>/0/0/...
+        folder = folder / "0"
+    return folder
 
 
 def test_verify_finds_shards_marked_done_without_labels(run, images: Path, checkpoint: Path,
@@ -125,6 +127,30 @@ def test_verify_finds_shards_marked_done_without_labels(run, images: Path, check
     run(*label_args(checkpoint))
     shard_object(tmp_path, "logits", 1).unlink()
     assert "shard 1: 4 images marked labeled have no labels" in run("store", "verify", code=1)
+
+
+@pytest.mark.parametrize("array,damage,found", [
+    ("lse", b"", "images marked labeled have no logsumexp"),  # zarr reads 0 bytes as fill
+    ("lse", b"\x07" * 40, "the 'lse' array is unreadable"),
+    ("global_logits", b"\x07" * 40, "the 'global_logits' array is unreadable"),
+    ("global_classes", b"garbage", "the 'global_classes' array is unreadable"),
+    ("logits", b"x", "the 'logits' array is unreadable")])
+def test_verify_decodes_every_array_and_repair_marks_the_shard(run, images: Path,
+                                                                checkpoint: Path,
+                                                                tmp_path: Path, array, damage,
+                                                                found):
+    """Items 11 and 12: a 0-byte lse shard or corrupt image-level arrays are found (they were
+    served as labeled with lse null), and --repair marks the shard so labeling rewrites it."""
+    run("datasets", "add", "toy", str(images))
+    run(*label_args(checkpoint))
+    clean = shard_object(tmp_path, array, 2).read_bytes()
+    shard_object(tmp_path, array, 2).write_bytes(damage)
+    out = run("store", "verify", code=1)
+    assert f"shard 2: {found}" in out and "--repair" in out
+    assert "marked for labeling again" in run("store", "verify", "--repair")
+    assert "1 shards written, 4 already done" in run(*label_args(checkpoint))
+    assert "store is consistent" in run("store", "verify")
+    assert shard_object(tmp_path, array, 2).read_bytes() == clean
 
 
 def test_torn_shard_objects_are_reported_and_relabeled(run, images: Path, checkpoint: Path,

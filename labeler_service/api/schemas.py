@@ -70,6 +70,9 @@ class JobCreate(Request):
     ignore_dataset_classes: bool = False
     retry_failed: bool = Field(False, description="Label again the images that failed in an "
                                "earlier job of the same label set (e.g. files restored).")
+    repair: bool = Field(False, description="Before labeling, decode every completed shard of "
+                         "the label set and label again those that fail (what `labeler store "
+                         "verify --repair` does): ~23 s per ImageNet-1k on 2 CPU cores.")
 
 
 class Progress(BaseModel):

@@ -630,7 +630,8 @@ def test_submit_is_202_with_location_and_retry_after(registered: TestClient):
     assert int(r.headers["retry-after"]) > 0
     assert job["state"] == "queued" and job["dataset"] == "toy"
     assert job["request"] == {"teacher": JOB["teacher"], "topk": 2,
-                              "ignore_dataset_classes": False, "retry_failed": False}
+                              "ignore_dataset_classes": False, "retry_failed": False,
+                              "repair": False}
     assert job["created_at"] and job["started_at"] is None and job["finished_at"] is None
     assert job["labelset"] is None and job["error"] is None
 

@@ -160,3 +160,25 @@ def test_a_job_in_which_no_image_can_be_labeled_fails(cluster: Cluster):
     assert job["state"] == "failed" and "no image could be labeled" in job["error"], job
     assert "retry_failed" in job["error"]
     assert np.all(Store.open(cluster.root / "store").labelset(job["labelset"]).status() > 0)
+
+
+def test_a_job_with_repair_relabels_a_completed_shard_that_does_not_decode(cluster: Cluster):
+    """Item 12 over REST: the status says labeled, so a plain resubmit succeeds at once and
+    the images keep failing; with ``repair`` the planner finds the shard and labels it again."""
+    cluster.start_api()
+    cluster.start_worker()
+    cluster.register()
+    first = cluster.wait_job(post_job(cluster, JOB))
+    labels = cluster.root / "store" / "datasets" / "toy" / "labels" / first["labelset"]
+    corrupt = labels / "global_logits" / "c" / "1" / "0"  # [images, K]: two key parts
+    clean = corrupt.read_bytes()
+    corrupt.write_bytes(b"\x07" * 40)
+    with cluster.client() as client:
+        assert client.get(f"/v1/labelsets/{first['labelset']}/images/5").status_code == 503
+        plain = client.post("/v1/jobs", json=JOB).json()
+        assert plain["state"] == "succeeded"  # at once: the status says complete
+    repaired = cluster.wait_job(post_job(cluster, {**JOB, "repair": True}), timeout=60)
+    assert repaired["state"] == "succeeded", repaired
+    assert corrupt.read_bytes() == clean
+    with cluster.client() as client:
+        assert client.get(f"/v1/labelsets/{first['labelset']}/images/5").status_code == 200

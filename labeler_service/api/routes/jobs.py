@@ -69,6 +69,8 @@ def complete_labelset(client: RedisDep, store: StoreDep, dataset: str, request: 
         labelset = store.labelset(labelset_id)
     except KeyError:
         return None
+    if request.get("repair"):
+        return None  # the planner checks its shards
     if request.get("retry_failed") and (labelset.status() > 0).any():
         return None  # its failed images are to be labeled again
     return labelset if labelset.is_complete() else None
