@@ -288,16 +288,18 @@ class JobStore:
             "created_at": job.created_at, "state": "active"})
 
     def _update_record(self, job_id: str, **attrs: Any) -> None:
-        group = self._jobs_group()
-        if job_id in group.group_keys():
-            group[job_id].attrs.update(attrs)
+        try:
+            record = self.store.root[f"jobs/{job_id}"]
+        except KeyError:
+            return
+        record.attrs.update(attrs)
 
     def recover(self, job_id: str) -> Job | None:
         """A job Redis lost (emptied or restarted without persistence), from the store."""
-        group = self._jobs_group()
-        if job_id not in group.group_keys():
+        try:  # one read for this id: an unknown id lists nothing
+            attrs = self.store.root[f"jobs/{job_id}"].attrs.asdict()
+        except KeyError:
             return None
-        attrs = group[job_id].attrs.asdict()
         state = attrs.get("state", "active")
         if state != "active" and (attrs.get("finished_at") or 0) + self.ttl < now():
             return None  # finished longer ago than jobs are kept: gone, not lost

@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=86400, description="Finished jobs kept.")
     # Worker side.
     device: str = "cuda"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Images per teacher batch, at most; see "
+                            "max_batch_pixels.")
+    max_batch_pixels: int = Field(8 * 1024 * 1024, ge=1, description="Input pixels per teacher "
+                                  "batch, at most: large inputs get smaller batches (2048 px: 2 "
+                                  "images), so memory stays bounded whatever a job asks for.")
     precision: str = "bf16"
     decode_workers: int | None = None
     max_pixels: int | None = None
@@ -53,6 +57,10 @@ class Settings(BaseSettings):
             raise ValueError("LABELER_TASK_TIME_LIMIT must be below LABELER_VISIBILITY_TIMEOUT, "
                              "or Redis redelivers a shard that is still being labeled")
         return self
+
+    def batch_size_for(self, input_size: int) -> int:
+        """The teacher batch for ``input_size`` px inputs: batch_size, fewer for large inputs."""
+        return max(1, min(self.batch_size, self.max_batch_pixels // (input_size * input_size)))
 
     def api_key_list(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

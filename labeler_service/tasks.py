@@ -24,6 +24,7 @@ import contextlib
 import logging
 import multiprocessing
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -296,7 +297,8 @@ def label_shard(self, job_id: str, shard: int) -> None:
         began = time.perf_counter()
         try:
             report = label_shards(labelset, dataset_for(job.dataset), runner, [shard],
-                                  labeling_options(),
+                                  replace(labeling_options(), batch_size=get_settings()
+                                          .batch_size_for(request["teacher"]["input_size"])),
                                   should_stop=lambda: jobs.cancel_requested(job_id),
                                   report=LabelingReport(labelset.id, 1),
                                   decoder=decoder_for(job.dataset, labelset.id,

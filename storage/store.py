@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -130,12 +131,22 @@ class Store:
     # -- label sets -------------------------------------------------------------------------
 
     def labelset(self, labelset_id: str) -> LabelSet:
-        """Find a label set by id (ids are unique in a store)."""
+        """Find a label set by id (ids are unique in a store): through the index
+        (``index/labelsets/<id>``, docs/store-format.md) in one read, else by looking in every
+        dataset once, which then records it in the index."""
+        try:
+            dataset = self.root[f"index/labelsets/{labelset_id}"].attrs["dataset"]
+            return LabelSet(self.root[f"datasets/{dataset}/labels/{labelset_id}"])
+        except KeyError:
+            pass  # not indexed yet (or the index is stale): look, then record
         for name in self.dataset_names():
             group = self.root["datasets"][name]
             if "labels" not in group.group_keys():  # a dataset still being written
                 continue
             labels = group["labels"]
             if labelset_id in labels.group_keys():
+                with contextlib.suppress(Exception):  # a read-only store: no index, still found
+                    self.root.require_group("index").require_group("labelsets").require_group(
+                        labelset_id, overwrite=False).attrs.update({"dataset": name})
                 return LabelSet(labels[labelset_id])
         raise KeyError(f"no label set {labelset_id!r} in store {self.location}")

@@ -54,6 +54,8 @@ class DatasetOut(BaseModel):
 
 class DatasetList(BaseModel):
     datasets: list[DatasetOut]
+    next_page_token: str = Field("", description="Empty at the end; else pass it back as "
+                                 "page_token for the next page.")
 
 
 class TeacherRequest(Request):

@@ -181,7 +181,7 @@ def test_v1_needs_a_valid_bearer_key(client: TestClient, authorization: str | No
 def test_every_configured_key_works(client: TestClient, key: str):
     r = client.get("/v1/datasets", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
-    assert r.json() == {"datasets": []}
+    assert r.json() == {"datasets": [], "next_page_token": ""}
 
 
 def test_probes_and_metrics_need_no_key(client: TestClient):
@@ -249,7 +249,7 @@ ESCAPES = ["../x", "a/../../x", "..", "toy/../../x", "/etc", "/", "//etc/passwd"
 @pytest.mark.parametrize("path", ESCAPES)
 def test_dataset_path_outside_the_data_root_is_400(client: TestClient, path: str):
     assert_problem(client.post("/v1/datasets", json={"name": "esc", "path": path}), 400)
-    assert client.get("/v1/datasets").json() == {"datasets": []}
+    assert client.get("/v1/datasets").json() == {"datasets": [], "next_page_token": ""}
 
 
 def test_dataset_symlink_out_of_the_data_root_is_400(client: TestClient, root: Path):
@@ -402,7 +402,7 @@ def test_dataset_validation_errors(client: TestClient):
                                                                             "path": ""}))
     assert error_locs(client.post("/v1/datasets", content=b"{not json",
                                   headers={"Content-Type": "application/json"}))
-    assert client.get("/v1/datasets").json() == {"datasets": []}
+    assert client.get("/v1/datasets").json() == {"datasets": [], "next_page_token": ""}
 
 
 def test_dataset_path_that_is_not_a_directory_is_422(client: TestClient):
@@ -461,7 +461,7 @@ def test_register_is_202_then_registering_then_ready(client: TestClient, root: P
 
     polled = client.get("/v1/datasets/toy")
     assert polled.json() == pending and int(polled.headers["retry-after"]) > 0
-    assert client.get("/v1/datasets").json() == {"datasets": [pending]}
+    assert client.get("/v1/datasets").json() == {"datasets": [pending], "next_page_token": ""}
     # While it registers: the same folder is the same registration, another folder a conflict,
     # and a job on it is refused.
     again = client.post("/v1/datasets", json=DATASET)
@@ -486,7 +486,7 @@ def test_register_is_202_then_registering_then_ready(client: TestClient, root: P
     local = Store.open(root / "local")
     expected, _ = local.add_dataset("toy", root / "data" / "toy")
     assert ready["fingerprint"] == expected.fingerprint
-    assert client.get("/v1/datasets").json() == {"datasets": [ready]}
+    assert client.get("/v1/datasets").json() == {"datasets": [ready], "next_page_token": ""}
 
     # Ready: the same folder again is the dataset (200, no new scan); another folder a conflict.
     again = client.post("/v1/datasets", json=DATASET)
@@ -522,7 +522,7 @@ def test_registration_lost_by_redis_store_says_ready(registered: TestClient,
     ready = registered.get("/v1/datasets/toy").json()
     clean_redis.flushdb()
     assert registered.get("/v1/datasets/toy").json() == ready
-    assert registered.get("/v1/datasets").json() == {"datasets": [ready]}
+    assert registered.get("/v1/datasets").json() == {"datasets": [ready], "next_page_token": ""}
     assert registered.post("/v1/datasets", json=DATASET).status_code == 200
     assert submit(registered).status_code == 202
 

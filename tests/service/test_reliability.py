@@ -244,3 +244,55 @@ def test_a_queued_job_whose_plan_was_never_sent_is_queued_at_start(labeled, clea
         assert jobs.requeue_unsent() == []  # once
     planned = [m for m in clean_redis.lrange("labeling", 0, -1) if job.id in m]
     assert len(planned) == 1
+
+
+# -- 16: memory bounded whatever the input size ---------------------------------------------
+
+def test_large_inputs_get_smaller_teacher_batches():
+    s = Settings(batch_size=64)
+    assert s.batch_size_for(224) == 64 and s.batch_size_for(576) == 25
+    assert s.batch_size_for(2048) == 2 and Settings(batch_size=64,
+                                                    max_batch_pixels=1).batch_size_for(64) == 1
+
+
+# -- 17: no route's cost grows with the store -------------------------------------------------
+
+def test_datasets_are_listed_a_page_at_a_time(labeled, clean_redis):
+    root, _ = labeled
+    store = Store.open(root / "store")
+    for i in range(5):
+        store.add_dataset(f"more-{i}", root / "data" / "toy")
+    with api(root) as client:
+        seen, token = [], None
+        while True:
+            page = client.get("/v1/datasets", params={"page_size": 2,
+                                                      **({"page_token": token} if token else {})})
+            assert page.status_code == 200 and len(page.json()["datasets"]) <= 2
+            seen += [d["name"] for d in page.json()["datasets"]]
+            token = page.json()["next_page_token"]
+            if not token:
+                break
+        assert seen == sorted(seen) == [f"more-{i}" for i in range(5)] + ["toy"]
+        problem(client.get("/v1/datasets", params={"page_token": "%%%"}), 400)
+
+
+def test_label_sets_and_jobs_are_found_without_listing_the_store(labeled, clean_redis,
+                                                                 monkeypatch):
+    root, labelset_id = labeled
+    with api(root) as client:
+        assert client.get(f"/v1/labelsets/{labelset_id}").status_code == 200  # indexes it
+        store = client.app.state.store
+        listed = []
+        import zarr
+
+        real = zarr.Group.group_keys
+
+        def counting(self):
+            listed.append(self.path)
+            return real(self)
+
+        monkeypatch.setattr(zarr.Group, "group_keys", counting)
+        assert client.get(f"/v1/labelsets/{labelset_id}").status_code == 200
+        assert client.get("/v1/jobs/job-1-abcdef").status_code == 404
+        assert listed == [], listed  # neither datasets nor jobs were listed
+        assert store.labelset(labelset_id).id == labelset_id

@@ -10,9 +10,11 @@ and failed ones (labeler_service/registrations.py).
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from labeler_service.api.deps import RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut, Problem
@@ -103,18 +105,41 @@ def register_dataset(body: DatasetCreate, settings: SettingsDep, store: StoreDep
     return registration_out(registration, response)
 
 
-@router.get("", response_model=DatasetList)
-def list_datasets(store: StoreDep, registrations: RegistrationsDep) -> DatasetList:
-    """Every dataset: ready ones (the store's) and registrations in progress or failed."""
-    found: dict[str, DatasetOut] = {}
-    for registration in registrations.all():
-        if registration.state != "ready":
-            found[registration.name] = registration_out(registration)
-    for name in store.dataset_names():
+@router.get("", response_model=DatasetList,
+            responses={400: {"description": "Invalid page_token"}})
+def list_datasets(store: StoreDep, registrations: RegistrationsDep,
+                  page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+                  page_token: Annotated[str | None, Query(max_length=512)] = None
+                  ) -> DatasetList:
+    """Datasets by name: ready ones (the store's) and registrations in progress or failed.
+    Only the page's datasets are opened; pass ``next_page_token`` back for the next page."""
+    after = decode_name_token(page_token) if page_token else ""
+    pending = {r.name: r for r in registrations.all() if r.state != "ready"}
+    names = sorted(n for n in set(store.dataset_names()) | set(pending) if n > after)
+    page: list[DatasetOut] = []
+    for name in names:
+        if len(page) == page_size:
+            break
         dataset = ready_dataset(store, name)
         if dataset is not None:
-            found[name] = dataset_out(dataset)
-    return DatasetList(datasets=[found[name] for name in sorted(found)])
+            page.append(dataset_out(dataset))
+        elif name in pending:
+            page.append(registration_out(pending[name]))
+    more = bool(page) and names[-1] > page[-1].name
+    return DatasetList(datasets=page,
+                       next_page_token=encode_name_token(page[-1].name) if more else "")
+
+
+def encode_name_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def decode_name_token(token: str) -> str:
+    try:
+        return base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_",
+                                validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, "invalid page_token") from None
 
 
 @router.get("/{name}", response_model=DatasetOut,
