@@ -376,9 +376,14 @@ def import_tokenlabeling_cmd(dataset: str, directory: Path, store_location: str,
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="uvicorn worker processes.")
+@user_errors
 def api(host: str, port: int, workers: int) -> None:
     """Serve the REST API (settings from LABELER_* environment variables)."""
     import uvicorn
+
+    from labeler_service.settings import get_settings
+
+    get_settings().api_key_list()  # a key clients cannot send: one line now, not at start-up
 
     uvicorn.run("labeler_service.api.main:create_app", factory=True, host=host, port=port,
                 workers=workers, proxy_headers=True, log_level="info")

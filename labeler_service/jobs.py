@@ -195,7 +195,11 @@ class JobStore:
         return self.recover(job_id)
 
     def page(self, page_size: int, token: str | None) -> tuple[list[Job], str]:
-        """Newest first. The token is an opaque cursor (created_at, id) of the last job seen."""
+        """Newest first. The token is an opaque cursor (created_at, id) of the last job seen.
+        If Redis lost its state since jobs were last recovered (emptied, or restarted without
+        persistence), the store's job records are recovered first, so none is left out."""
+        if not self.r.exists(keys.RECOVERED):
+            self.recover_all()
         max_score: str | float = "+inf"
         after_id = None
         if token:
@@ -351,9 +355,14 @@ class JobStore:
 
     def recover_all(self) -> list[str]:
         """Recover every job the store knows and Redis does not (run at API start)."""
-        group = self._jobs_group()
+        if "jobs" not in self.store.root.group_keys():  # no job was ever made in this store
+            self.r.set(keys.RECOVERED, 1)
+            return []
+        group = self.store.root["jobs"]
         missing = [j for j in group.group_keys() if not self.r.exists(self.key(j))]
-        return [j for j in missing if self.recover(j) is not None]
+        recovered = [j for j in missing if self.recover(j) is not None]
+        self.r.set(keys.RECOVERED, 1)  # until Redis loses its state again
+        return recovered
 
 
 def encode_token(score: float, job_id: str) -> str:

@@ -16,6 +16,7 @@ JOB_INDEX = f"{PREFIX}jobs"  # sorted set: job id -> created_at
 REGISTRATION_INDEX = f"{PREFIX}registrations"  # set of dataset names being registered
 STATS = f"{PREFIX}stats"  # hash of counters across workers, exported by the API's /metrics
 WORKER_PATTERN = f"{PREFIX}worker:*"
+RECOVERED = f"{PREFIX}recovered"  # set once the store's jobs are in Redis; gone if Redis is
 
 
 def now() -> float:

@@ -349,14 +349,17 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
     return report
 
 
-def check_class_space(dataset: StoreDataset, teacher: TeacherSpec) -> None:
-    """Refuse labels that would be in another label space than the dataset's classes."""
+def check_class_space(dataset: StoreDataset, teacher: TeacherSpec,
+                      override: str = "--ignore-dataset-classes") -> None:
+    """Refuse labels that would be in another label space than the dataset's classes.
+    ``override`` names the way to ask anyway, as the caller's user spells it (a CLI flag, a
+    REST field)."""
     problem = label_space_problem(dataset, teacher)
     if problem is not None:
         raise LabelSpaceMismatch(
             f"{problem}, so its labels would be in another label space than the dataset's "
             f"classes. Use a teacher trained on these classes (`labeler teacher fit`), or pass "
-            "--ignore-dataset-classes if the teacher's classes are what you want.")
+            f"{override} if the teacher's classes are what you want.")
 
 
 def parse_part(part: str) -> tuple[int, int]:

@@ -231,6 +231,9 @@ def describe(error: BaseException, data_root: Path, store_location: str | None =
         reason = str(error)
     elif isinstance(error, FileOutsideRoot):
         reason = f"refused: {error}"
+    elif isinstance(error, OSError) and store_location and error.filename and \
+            str(error.filename).startswith(str(store_location).rstrip("/")):
+        reason = f"the store cannot be written ({error.strerror or type(error).__name__})"
     elif isinstance(error, PermissionError | FileNotFoundError | NotADirectoryError):
         reason = f"cannot read the folder: {error}"
     else:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
                      if line.strip() and not line.startswith("#")]
+        for key in keys:
+            # HTTP headers are Latin-1 on the wire; clients send UTF-8: only ASCII matches.
+            if not (key.isascii() and key.isprintable()):
+                raise ValueError("an API key (LABELER_API_KEYS or LABELER_API_KEYS_FILE) has a "
+                                 "character that is not printable ASCII; clients could not "
+                                 "send it reliably: use letters, digits and punctuation")
         return keys
 
 

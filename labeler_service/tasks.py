@@ -190,7 +190,7 @@ def plan_job(self, job_id: str) -> None:
                                     str(resolve_checkpoint(request["teacher"]["checkpoint"])),
                                     request["teacher"]["input_size"], request["topk"])
         if not request.get("ignore_dataset_classes"):
-            check_class_space(dataset, spec)
+            check_class_space(dataset, spec, override='"ignore_dataset_classes": true')
         labelset = dataset.create_labelset(labelset_config(
             dataset, spec, request["topk"], grid,
             resolve_checkpoint(request["teacher"]["checkpoint"]), get_settings().shard_size))

@@ -34,6 +34,9 @@ def check_name(name: str, what: str = "dataset") -> str:
     if not _NAME.match(name):
         raise ValueError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit, at most 128 characters")
+    if name.lower().endswith(".json"):  # zarr.json, and other metadata documents' names
+        raise ValueError(f"invalid {what} name {name!r}: names ending in .json are reserved by "
+                         "the store's layout")
     return name
 
 

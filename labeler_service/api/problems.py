@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 MEDIA_TYPE = "application/problem+json"
+BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
 def problem(status: int, detail: Any = None, headers: dict[str, str] | None = None,
@@ -26,6 +27,10 @@ def problem(status: int, detail: Any = None, headers: dict[str, str] | None = No
 def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_problem(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            # FastAPI's answer when json.loads itself raises (a RecursionError on deeply nested
+            # JSON): as for any other body that is not valid JSON, 422.
+            return problem(422, "the request body is not valid JSON (nested too deeply?)")
         return problem(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(redis.RedisError)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from labeler_service.jobs import Job
 from labeler_service.settings import INPUT_SIZE_MAX, INPUT_SIZE_MIN
+from storage.store import check_name
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -27,9 +28,15 @@ class Request(BaseModel):
 
 
 class DatasetCreate(Request):
-    name: str = Field(pattern=NAME_PATTERN, examples=["imagenet-train"])
+    name: str = Field(pattern=NAME_PATTERN, examples=["imagenet-train"],
+                      description="Not ending in .json (reserved by the store layout).")
     path: str = Field(min_length=1, max_length=4096, examples=["imagenet/train"],
                       description="Directory relative to the server's data root.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        return check_name(name)  # the store's own rule: one home
 
 
 class DatasetOut(BaseModel):

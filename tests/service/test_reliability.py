@@ -296,3 +296,69 @@ def test_label_sets_and_jobs_are_found_without_listing_the_store(labeled, clean_
         assert client.get("/v1/jobs/job-1-abcdef").status_code == 404
         assert listed == [], listed  # neither datasets nor jobs were listed
         assert store.labelset(labelset_id).id == labelset_id
+
+
+# -- 19-24: messages that say what is wrong ---------------------------------------------------
+
+def test_the_class_count_refusal_names_the_rest_field():
+    from labeler_service.labeling import LabelSpaceMismatch, check_class_space
+
+    class Dataset:
+        name, class_names = "toy", ("a", "b")
+
+    class Teacher:
+        num_classes, class_names = 1000, None
+
+    with pytest.raises(LabelSpaceMismatch, match='"ignore_dataset_classes": true'):
+        check_class_space(Dataset(), Teacher(), override='"ignore_dataset_classes": true')
+
+
+def test_a_registration_on_a_read_only_store_says_the_store_cannot_be_written(tmp_path):
+    from labeler_service.registrations import describe
+
+    store = tmp_path / "store"
+    error = OSError(30, "Read-only file system", str(store / "datasets" / "toy" / "manifest"))
+    reason = describe(error, tmp_path / "data", str(store))
+    assert reason == "the store cannot be written (Read-only file system)"
+
+
+@pytest.mark.parametrize("name", ["zarr.json", "ZARR.JSON", "x.json"])
+def test_names_reserved_by_the_store_layout_are_422(labeled, clean_redis, name):
+    root, _ = labeled
+    with api(root) as client:
+        r = client.post("/v1/datasets", json={"name": name, "path": "toy"})
+        assert r.status_code == 422 and "reserved" in r.text
+    with pytest.raises(ValueError, match="reserved"):
+        Store.open(root / "store").add_dataset(name, root / "data" / "toy")
+
+
+def test_jobs_are_listed_from_the_store_after_redis_is_emptied(labeled, clean_redis):
+    root, _ = labeled
+    with api(root) as client:
+        made = {client.post("/v1/jobs", json=JOB).json()["id"] for _ in range(3)}
+        clean_redis.flushdb()  # the API keeps running
+        listed = {j["id"] for j in client.get("/v1/jobs").json()["jobs"]}
+        assert listed == made
+
+
+def test_api_keys_clients_cannot_send_are_refused_in_configuration(tmp_path):
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Settings(api_keys="ключ-1").api_key_list()
+    from click.testing import CliRunner
+
+    from labeler_service.cli import main
+
+    result = CliRunner(env={"LABELER_API_KEYS": "clé"}).invoke(main, ["api"])
+    assert result.exit_code == 1 and "printable ASCII" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_deeply_nested_json_is_422_like_any_invalid_body(labeled, clean_redis):
+    root, _ = labeled
+    with api(root) as client:
+        body = b'{"dataset": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        with api(root, max_body_bytes=1_000_000) as big:
+            problem(big.post("/v1/jobs", content=body,
+                             headers={"Content-Type": "application/json"}), 422)
+        problem(client.post("/v1/jobs", content=b"{not json",
+                            headers={"Content-Type": "application/json"}), 422)
