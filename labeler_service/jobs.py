@@ -296,7 +296,7 @@ class JobStore:
             record = self.store.root[f"jobs/{job_id}"]
         except KeyError:
             return
-        record.attrs.update(attrs)
+        record.update_attributes(attrs)  # one write (attrs.update writes once per key)
 
     def recover(self, job_id: str) -> Job | None:
         """A job Redis lost (emptied or restarted without persistence), from the store."""

@@ -51,7 +51,7 @@ class Dataset:
             if n:
                 arr[:] = values
         group.require_group("labels")
-        group.attrs.update({
+        group.update_attributes({  # one write: MutableMapping.update would write per key
             "kind": "dataset",
             "name": name,
             "num_images": n,

@@ -279,7 +279,7 @@ class LabelSet:
         # Re-read the attrs just before writing: another process may have added a summary since
         # this label set was opened, and an update writes the whole attribute document.
         fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+")
-        fresh.attrs.update({name: value})
+        fresh.update_attributes({name: value})
         self.attrs[name] = value
 
     # -- geometry ---------------------------------------------------------------------------

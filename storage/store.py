@@ -66,7 +66,7 @@ class Store:
             raise StoreError(f"no store at {location}") from None
         attrs = root.attrs.asdict()
         if not attrs and mode != "r" and not list(root.keys()):
-            root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+            root.update_attributes({"format": FORMAT, "format_version": FORMAT_VERSION})
             root.require_group("datasets")
         elif attrs.get("format") != FORMAT:
             raise StoreError(f"{location} is not a tokenlabel store (root attrs: {attrs})")
@@ -150,6 +150,6 @@ class Store:
             if labelset_id in labels.group_keys():
                 with contextlib.suppress(Exception):  # a read-only store: no index, still found
                     self.root.require_group("index").require_group("labelsets").require_group(
-                        labelset_id, overwrite=False).attrs.update({"dataset": name})
+                        labelset_id, overwrite=False).update_attributes({"dataset": name})
                 return LabelSet(labels[labelset_id])
         raise KeyError(f"no label set {labelset_id!r} in store {self.location}")

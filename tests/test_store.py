@@ -257,3 +257,25 @@ def test_refuses_foreign_and_newer_stores(tmp_path: Path):
         Store.open(tmp_path / "newer")
     with pytest.raises(ValueError, match="invalid dataset name"):
         Store.open(tmp_path / "s").add_dataset("../escape", tmp_path)
+
+
+def test_a_dataset_is_never_seen_with_part_of_its_attrs(tmp_path: Path, images: Path,
+                                                        monkeypatch):
+    """A concurrent reader (the API polling a registration) must never find the completion
+    mark (``fingerprint``) without the rest: zarr's ``attrs.update`` writes the document once per
+    key; the store writes it once (the flaky 500 on GET /v1/datasets/{name})."""
+    from zarr.storage import LocalStore
+
+    written: list[dict] = []
+    real_set = LocalStore.set
+
+    async def recording_set(self, key, value):
+        if key == "datasets/toy/zarr.json":
+            written.append(json.loads(value.to_bytes())["attributes"])
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", recording_set)
+    Store.open(tmp_path / "store").add_dataset("toy", images)
+    complete = [a for a in written if "fingerprint" in a]
+    assert complete and all({"name", "num_images", "class_names", "source_root", "created_at",
+                             "code_version"} <= a.keys() for a in complete), written

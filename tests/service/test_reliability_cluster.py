@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -182,3 +183,28 @@ def test_a_job_with_repair_relabels_a_completed_shard_that_does_not_decode(clust
     assert corrupt.read_bytes() == clean
     with cluster.client() as client:
         assert client.get(f"/v1/labelsets/{first['labelset']}/images/5").status_code == 200
+
+
+def test_heatmaps_of_a_blocking_file_leave_the_api_responsive(cluster: Cluster):
+    """Item 8: 45 concurrent heatmaps of an image replaced by a FIFO. None blocks (the FIFO is
+    refused at open), renders are bounded, /healthz answers at once, and SIGTERM stops the API."""
+    import httpx
+
+    cluster.start_api()
+    cluster.start_worker()
+    cluster.register()
+    job = cluster.wait_job(post_job(cluster, JOB))
+    dataset = Store.open(cluster.root / "store", mode="r").dataset("toy")
+    image = cluster.root / "data" / "toy" / dataset.image_path(0)
+    image.unlink()
+    os.mkfifo(image)
+    url = f"/v1/labelsets/{job['labelset']}/images/0/heatmap.png"
+    with cluster.client() as client, ThreadPoolExecutor(45) as pool:
+        answers = [pool.submit(client.get, url) for _ in range(45)]
+        began = time.monotonic()
+        assert httpx.get(f"{cluster.url}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - began < 2
+        codes = {a.result().status_code for a in answers}
+    assert codes <= {409, 503}, codes
+    os.killpg(cluster.api.pid, signal.SIGTERM)
+    assert cluster.api.wait(timeout=15) is not None
