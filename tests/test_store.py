@@ -279,3 +279,45 @@ def test_a_dataset_is_never_seen_with_part_of_its_attrs(tmp_path: Path, images: 
     complete = [a for a in written if "fingerprint" in a]
     assert complete and all({"name", "num_images", "class_names", "source_root", "created_at",
                              "code_version"} <= a.keys() for a in complete), written
+
+
+def test_a_scan_keeps_a_bounded_window_of_files_in_flight(tmp_path: Path, monkeypatch):
+    """Registration memory stays flat as the folder grows: files probed but not yet consumed
+    never exceed the window, counted over 3000 files (issue 15; counting, not timing)."""
+    from storage import manifest as manifest_module
+
+    root = tmp_path / "many"
+    for i in range(3000):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{i % 3}" / f"{i:05d}.png").write_bytes(b"\x89PNG not really")
+    started, consumed, ahead = [0], [0], []
+    real_probe = manifest_module.probe_image
+
+    def counting_probe(path):
+        started[0] += 1
+        ahead.append(started[0] - consumed[0])
+        return real_probe(path)
+
+    def progress(scanned, total):
+        if total is not None:
+            consumed[0] = scanned
+
+    monkeypatch.setattr(manifest_module, "probe_image", counting_probe)
+    result = manifest_module.scan_image_folder(root, max_workers=4, progress=progress)
+    assert len(result) == 3000 and started[0] == 3000
+    window = manifest_module.SCAN_WINDOW_PER_WORKER * 4
+    assert max(ahead) <= window + 1, max(ahead)  # +1: a result being handed over
+
+
+def test_ordered_map_keeps_order_and_window():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.manifest import ordered_map
+
+    submitted = []
+    with ThreadPoolExecutor(4) as pool:
+        out = []
+        for x in ordered_map(pool, lambda v: submitted.append(v) or v * v, range(100), window=5):
+            out.append(x)
+            assert len(submitted) - len(out) <= 5
+    assert out == [v * v for v in range(100)]

@@ -18,6 +18,7 @@ from labeler_service.api.metrics import Metrics
 from labeler_service.api.routes import datasets, health, jobs, labelsets
 from labeler_service.api.schemas import Problem
 from labeler_service.jobs import JobStore
+from labeler_service.model_names import timm_model_names
 from labeler_service.queue import app as celery_app
 from labeler_service.queue import configure, enqueue_plan
 from labeler_service.registrations import RegistrationStore
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure(celery_app, settings)  # jobs go to this app's Redis, whatever the environment
         app.state.settings = settings
         app.state.heatmap_renders = threading.BoundedSemaphore(settings.heatmap_concurrency)
+        # Listed in a child process (no torch here), before the first POST needs them.
+        threading.Thread(target=timm_model_names, daemon=True).start()
         app.state.api_keys = [k.encode() for k in settings.api_key_list()]
         if not app.state.api_keys:
             log.warning("no API keys configured (LABELER_API_KEYS): every /v1 request gets 401")

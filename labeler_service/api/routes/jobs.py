@@ -16,6 +16,7 @@ from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.checkpoint_files import checkpoint_problem
 from labeler_service.idempotency import IdempotencyConflict, IdempotencyKeys
 from labeler_service.jobs import Job, JobStore, resolved_labelset_key
+from labeler_service.model_names import timm_model_names
 from labeler_service.paths import PathOutsideRoot, is_kind, public_reason, resolve_inside
 from storage import LabelSet, StoreError
 
@@ -40,8 +41,6 @@ def find_job(jobs: JobStore, job_id: str) -> Job:
 def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
                   registrations: RegistrationsDep) -> Path:
     """Refuse what cannot run; returns the checkpoint's resolved path."""
-    import timm
-
     find_dataset(store, registrations, body.dataset)  # 409 while it is registering
     try:
         checkpoint = resolve_inside(settings.checkpoint_root, body.teacher.checkpoint)
@@ -53,7 +52,7 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
     problem = checkpoint_problem(checkpoint)  # cheap: its header only, no torch
     if problem:
         raise HTTPException(422, f"checkpoint {body.teacher.checkpoint!r}: {problem}")
-    if body.teacher.model not in timm.list_models():
+    if body.teacher.model not in timm_model_names():
         raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
     return checkpoint
 
