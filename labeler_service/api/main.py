@@ -12,13 +12,13 @@ from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from labeler_service import model_names
 from labeler_service.api import problems
 from labeler_service.api.deps import require_api_key
 from labeler_service.api.metrics import Metrics
 from labeler_service.api.routes import datasets, health, jobs, labelsets
 from labeler_service.api.schemas import Problem
 from labeler_service.jobs import JobStore
-from labeler_service.model_names import timm_model_names
 from labeler_service.queue import app as celery_app
 from labeler_service.queue import configure, enqueue_plan
 from labeler_service.registrations import RegistrationStore
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.heatmap_renders = threading.BoundedSemaphore(settings.heatmap_concurrency)
         # Listed in a child process (no torch here), before the first POST needs them.
-        threading.Thread(target=timm_model_names, daemon=True).start()
+        threading.Thread(target=model_names.warm, daemon=True).start()
         app.state.api_keys = [k.encode() for k in settings.api_key_list()]
         if not app.state.api_keys:
             log.warning("no API keys configured (LABELER_API_KEYS): every /v1 request gets 401")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +53,12 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
     problem = checkpoint_problem(checkpoint)  # cheap: its header only, no torch
     if problem:
         raise HTTPException(422, f"checkpoint {body.teacher.checkpoint!r}: {problem}")
-    if body.teacher.model not in timm_model_names():
+    try:
+        known = timm_model_names()
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        raise HTTPException(503, f"cannot list timm's models now ({type(e).__name__}); "
+                                 "retry") from None
+    if body.teacher.model not in known:
         raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
     return checkpoint
 
