@@ -76,7 +76,8 @@ def datasets_list(store_location: str) -> None:
         click.echo(f"{name}\t{dataset.num_images} images\t{dataset.source_root}")
         for labelset_id in dataset.labelset_ids():
             labelset = dataset.labelset(labelset_id)
-            done = labelset.num_shards - len(labelset.pending_shards())
+            done = (labelset.num_shards if labelset.completion() is not None
+                    else labelset.num_shards - len(labelset.pending_shards()))
             agreement = labelset.attrs.get("agreement")
             shown = ""
             if agreement and agreement.get("top1") is not None:
@@ -326,9 +327,13 @@ def echo_verify_report(store: Store, repair: bool = False) -> bool:
         click.echo(f"note: {note}")
     for problem in report.problems:
         click.echo(f"problem: {problem}")
-    if report.repaired:
-        click.echo(f"repaired: {len(report.repaired)} shards marked for labeling again; run "
-                   "the label job again to rewrite them")
+    shards = [r for r in report.repaired if r[1] >= 0]
+    if shards:
+        click.echo(f"repaired: {len(shards)} shards marked for labeling again; run the label "
+                   "job again to rewrite them")
+    if len(shards) < len(report.repaired):
+        click.echo(f"repaired: {len(report.repaired) - len(shards)} completion summaries "
+                   "rebuilt from the status records")
     if report.ok:
         click.echo("store is consistent")
     return report.ok or (repair and len(report.problems) == len(report.repaired))

@@ -185,4 +185,5 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
             labelset.write_shard(shard, block)
             report.shards_written += 1
             bar.update(len(block))
+    labelset.record_completion()
     return report

@@ -66,23 +66,53 @@ return 1
 """
 
 
-def resolved_labelset_key(dataset_fingerprint: str, request: dict[str, Any],
-                          checkpoint: Path) -> str:
-    """Where planning records which label set a request resolved to.
+# Request fields that do not change which label set a job makes.
+NOT_IDENTITY = ("retry_failed", "repair")
 
-    The checkpoint enters by path, size and mtime: a replaced file makes a new key, so a new
-    plan (hashing the file) rather than a stale answer.
-    """
-    stat = checkpoint.stat()
-    key = json.dumps({"dataset": dataset_fingerprint, "request": request,
-                      "checkpoint": [str(checkpoint), stat.st_size, stat.st_mtime_ns]},
-                     sort_keys=True)
-    return keys.resolved_labelset(key)
+
+class Resolutions:
+    """Which label set a request resolved to, as planning recorded it: in Redis and in the
+    store (``index/resolved/<identity>``), so that a job whose label set is already complete
+    succeeds at once, even after Redis lost its keys and with no worker running."""
+
+    def __init__(self, client: redis.Redis, store: Store, ttl_seconds: int):
+        self.r, self.store, self.ttl = client, store, ttl_seconds
+
+    @staticmethod
+    def identity(dataset_fingerprint: str, request: dict[str, Any], checkpoint: Path) -> str:
+        """The checkpoint enters by path, size and mtime: a replaced file makes a new identity,
+        so a new plan (hashing the file) rather than a stale answer."""
+        stat = checkpoint.stat()
+        key = json.dumps({"dataset": dataset_fingerprint,
+                          "request": {k: v for k, v in request.items() if k not in NOT_IDENTITY},
+                          "checkpoint": [str(checkpoint), stat.st_size, stat.st_mtime_ns]},
+                         sort_keys=True)
+        return keys.hashed(key)
+
+    def record(self, identity: str, labelset_id: str) -> None:
+        self.r.set(keys.resolved_labelset(identity), labelset_id, ex=self.ttl)
+        self.store.root.require_group("index").require_group("resolved").require_group(
+            identity).update_attributes({"labelset": labelset_id})
+
+    def find(self, identity: str) -> str | None:
+        found = self.r.get(keys.resolved_labelset(identity))
+        if found is None:
+            try:
+                found = self.store.root[f"index/resolved/{identity}"].attrs["labelset"]
+            except KeyError:
+                return None
+        return str(found)
 
 
 def progress_in_store(labelset: LabelSet, retry_failed: bool = False) -> dict[str, Any]:
     """A label set's progress as its shard completion records tell it; with ``retry_failed``
     the shards holding failed images count as not done (the job labels them again)."""
+    summary = labelset.completion()
+    if summary is not None and not retry_failed:  # complete: no status read
+        failed = sum(n for code, n in summary["counts"].items() if int(code) > 0)
+        return {"images_total": labelset.num_images, "shards_total": labelset.num_shards,
+                "images_done": labelset.num_images, "images_failed": failed,
+                "shards_done": list(range(labelset.num_shards))}
     status = labelset.status()
     todo = set(labelset.pending_shards(status, retry_failed=retry_failed))
     done = np.ones(labelset.num_images, bool)

@@ -48,8 +48,8 @@ def idempotency(key: str) -> str:
     return f"{PREFIX}idempotency:{hashed(key)}"
 
 
-def resolved_labelset(key: str) -> str:
-    return f"{PREFIX}resolved:{hashed(key)}"
+def resolved_labelset(identity: str) -> str:
+    return f"{PREFIX}resolved:{identity}"  # a request's identity (jobs.Resolutions) -> label set
 
 
 def hashed(text: str) -> str:

@@ -405,6 +405,7 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
             and labelset.is_complete():
         from labeler_service.quality import record_agreement
 
+        labelset.record_completion()
         report.agreement = record_agreement(dataset, labelset)
     return report
 

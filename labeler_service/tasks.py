@@ -169,7 +169,7 @@ class LabelerTask(Task):
 @app.task(bind=True, base=LabelerTask, name=PLAN_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
-    from labeler_service.jobs import resolved_labelset_key
+    from labeler_service.jobs import Resolutions
     from labeler_service.labeling import check_class_space, labelset_config
     from labeler_service.teacher import TeacherError
     from storage import StoreError
@@ -203,8 +203,8 @@ def plan_job(self, job_id: str) -> None:
         jobs.finish(job_id, "failed", job_error(e))  # the job fails, never stays queued
         return
     checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
-    client.set(resolved_labelset_key(dataset.fingerprint, request, checkpoint), labelset.id,
-               ex=get_settings().job_ttl_seconds)
+    Resolutions(client, jobs.store, get_settings().job_ttl_seconds).record(
+        Resolutions.identity(dataset.fingerprint, request, checkpoint), labelset.id)
     if request.get("repair"):
         repair_completed_shards(labelset)
     todo = jobs.start_from_store(job_id, labelset, bool(request.get("retry_failed")))
@@ -244,6 +244,7 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
                                       f"(mostly: {common}); fix them and POST the job again "
                                       "with retry_failed")
         return
+    labelset.record_completion()  # GET /v1/labelsets and POST /v1/jobs read it in O(1)
     jobs.finish(job_id, "succeeded", agreement=record_agreement(dataset, labelset))
 
 

@@ -118,7 +118,7 @@ class LabelBlock:
 
 
 # Attrs added after labeling, by ``LabelSet.record_summary`` (see docs/store-format.md).
-SUMMARY_ATTRS = ("agreement", "label_quality")
+SUMMARY_ATTRS = ("agreement", "label_quality", "completion")
 
 
 @dataclass(frozen=True)
@@ -346,7 +346,56 @@ class LabelSet:
         return np.flatnonzero(todo).tolist()
 
     def is_complete(self) -> bool:
+        """Every shard written: from the completion summary in one read when it is recorded,
+        else from the status array."""
+        if self.completion() is not None:
+            return True
         return not self.pending_shards()
+
+    # -- the completion summary ---------------------------------------------------------------
+
+    def completion(self) -> dict[str, Any] | None:
+        """The recorded completion summary of a complete label set: ``{"images", "shards",
+        "counts": {status code: images}}``, or None (not complete, or not recorded yet).
+
+        The per-shard status records stay the truth: the summary is written from them once the
+        label set is complete (:meth:`record_completion`), removed when a shard is marked
+        pending again, and checked against them by ``labeler store verify``. A label set only
+        ever goes from incomplete to complete by writers finishing shards, so concurrent writers
+        can only each write the same summary."""
+        summary = self.attrs.get("completion")
+        return summary if isinstance(summary, dict) else None
+
+    def completion_from_status(self, status: np.ndarray | None = None) -> dict[str, Any] | None:
+        """The summary as the status records give it (None while any shard is pending)."""
+        status = self.status() if status is None else status
+        if self.pending_shards(status):
+            return None
+        codes, counts = np.unique(status, return_counts=True)
+        return {"images": self.num_images, "shards": self.num_shards,
+                "counts": {str(int(c)): int(n) for c, n in zip(codes, counts, strict=True)}}
+
+    def rebuild_completion(self) -> dict[str, Any] | None:
+        """The summary from the status records: written if complete, removed if not."""
+        summary = self.record_completion()
+        if summary is None:
+            self.drop_completion()
+        return summary
+
+    def drop_completion(self) -> None:
+        """Remove the completion summary (before any shard is written again)."""
+        if self.completion() is not None:
+            fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+")
+            fresh.attrs.pop("completion", None)  # one write: the document without it
+            self.attrs.pop("completion", None)
+
+    def record_completion(self) -> dict[str, Any] | None:
+        """Write the completion summary if the label set is complete (read from the status
+        records); returns it, or None if shards are still pending."""
+        summary = self.completion_from_status()
+        if summary is not None and summary != self.completion():
+            self.record_summary("completion", summary)
+        return summary
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -369,6 +418,9 @@ class LabelSet:
             )
         if (block.status == ImageStatus.PENDING).any():
             raise LabelSetMismatchError(f"shard {index} still has images with status -1")
+        # A rewrite (retry_failed, repair) may change the counts, or crash half-way: the summary
+        # goes until a complete label set records it again.
+        self.drop_completion()
         for name in ARRAY_NAMES:  # status is last in ARRAY_NAMES
             arr, data = self.array(name), getattr(block, name)
             if data.shape != (stop - start, *arr.shape[1:]):
@@ -384,7 +436,9 @@ class LabelSet:
 
     def mark_pending(self, index: int) -> None:
         """Shard ``index`` reads as not written (its status object deleted: the fill value, -1,
-        is pending), so labeling writes it whole again. Its other objects stay until then."""
+        is pending), so labeling writes it whole again. Its other objects stay until then. The
+        completion summary goes first: it must never claim a pending shard."""
+        self.drop_completion()
         self._delete_shard_object(self.array("status"), index)
 
     @staticmethod

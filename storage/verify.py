@@ -14,12 +14,15 @@ from storage.labelset import ARRAY_NAMES, LabelSet
 from storage.status import ImageStatus
 from storage.store import Store
 
+SUMMARY = -1  # in VerifyReport.repaired: the completion summary, not a shard
+
 
 @dataclass
 class VerifyReport:
     problems: list[str] = field(default_factory=list)  # inconsistencies: exit non-zero
     notes: list[str] = field(default_factory=list)  # facts worth knowing (failed images)
-    repaired: list[tuple[str, int]] = field(default_factory=list)  # (label set, shard) reset
+    repaired: list[tuple[str, int]] = field(default_factory=list)  # (label set, shard) reset;
+    # shard SUMMARY: the label set's completion summary rebuilt
 
     @property
     def ok(self) -> bool:
@@ -48,6 +51,19 @@ def verify_labelset(labelset: LabelSet, fingerprint: str, report: VerifyReport,
         report.problems.append(f"{where}: shard {shard}: status object unreadable (a torn "
                                "write); labeling again rewrites it")
     missing = [s for s in labelset.pending_shards(status) if s not in torn]
+    recorded = labelset.completion()
+    if recorded is not None and recorded != labelset.completion_from_status(status):
+        report.problems.append(f"{where}: the completion summary disagrees with the status "
+                               "records" + ("; rebuilt" if repair else
+                                            "; `labeler store verify --repair` rebuilds it"))
+        if repair:
+            labelset.rebuild_completion()
+            report.repaired.append((labelset.id, SUMMARY))
+    elif recorded is None and not missing and not torn:
+        report.notes.append(f"{where}: complete; its completion summary is not recorded yet"
+                            + (" (recorded)" if repair else ""))
+        if repair:
+            labelset.rebuild_completion()
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         report.problems.append(f"{where}: {len(missing)} of {labelset.num_shards} shards "

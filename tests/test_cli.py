@@ -220,3 +220,26 @@ def test_worker_consumes_the_labeling_and_registration_queues(run, monkeypatch):
     argv.clear()
     assert "queues must be among" in run("worker", "--queues", "labeling,gpu", code=2)
     assert argv == []
+
+
+def test_the_completion_summary_is_checked_dropped_and_rebuilt(run, images: Path,
+                                                               checkpoint: Path, tmp_path: Path):
+    """Issue 15: the per-shard records stay the truth. A summary that disagrees with them is a
+    verify problem and --repair rebuilds it; marking a shard pending drops it."""
+    run("datasets", "add", "toy", str(images))
+    run(*label_args(checkpoint))
+    store = Store.open("store")
+    (labelset_id,) = store.dataset("toy").labelset_ids()
+    labelset = store.labelset(labelset_id)
+    truth = labelset.completion_from_status()
+    assert labelset.completion() == truth and truth["counts"] == {"0": 18}
+    labelset.record_summary("completion", {**truth, "counts": {"0": 17, "1": 1}})  # a lie
+    assert "completion summary disagrees" in run("store", "verify", code=1)
+    assert "rebuilt" in run("store", "verify", "--repair")
+    labelset = Store.open("store").labelset(labelset_id)
+    assert labelset.completion() == truth
+    labelset.mark_pending(2)
+    labelset = Store.open("store").labelset(labelset_id)
+    assert labelset.completion() is None and not labelset.is_complete()
+    assert "1 shards written" in run(*label_args(checkpoint))
+    assert Store.open("store").labelset(labelset_id).completion() == truth

@@ -106,7 +106,11 @@ def test_two_processes_on_disjoint_shards_lose_nothing(
     assert "9 images labeled, 0 failed, 3 shards written" in outputs[1]
     clean_store, shared_store = Store.open(clean), Store.open(shared)
     (labelset_id,) = shared_store.dataset("toy").labelset_ids()
-    assert shared_store.labelset(labelset_id).is_complete()
+    labelset = shared_store.labelset(labelset_id)
+    assert labelset.is_complete()
+    # Whichever part finished last recorded the completion summary, equal to the records'.
+    assert labelset.completion() == labelset.completion_from_status() == {
+        "images": 18, "shards": 6, "counts": {"0": 18}}
     assert_same_labels(labels_of(shared_store, labelset_id), labels_of(clean_store, labelset_id))
 
 
@@ -131,12 +135,14 @@ def test_killed_run_resumed_equals_clean_run(tmp_path: Path, checkpoint: Path):
     store = Store.open(killed)
     (labelset_id,) = store.dataset("toy").labelset_ids()
     assert 0 < len(store.labelset(labelset_id).pending_shards()) < 18
+    assert store.labelset(labelset_id).completion() is None  # a killed writer records nothing
 
     for location in (killed, clean):
         proc = labeler(*args, store=location)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-    assert store.labelset(labelset_id).is_complete()
+    resumed = Store.open(killed).labelset(labelset_id)
+    assert resumed.is_complete() and resumed.completion() == resumed.completion_from_status()
     assert_same_labels(labels_of(store, labelset_id), labels_of(Store.open(clean), labelset_id))
 
 

@@ -150,6 +150,8 @@ def test_a_corrupt_logits_shard_is_a_503_for_its_images_only(labeled, clean_redi
 
 def test_a_torn_status_shard_reads_as_pending(labeled, clean_redis):
     root, labelset_id = labeled
+    # A rewrite that crashed mid-write: the writer removed the completion summary first.
+    Store.open(root / "store").labelset(labelset_id).drop_completion()
     shard_object(root, labelset_id, "status", 2).write_bytes(b"\x00torn")
     with api(root) as client:
         r = client.get(f"/v1/labelsets/{labelset_id}/images/9")

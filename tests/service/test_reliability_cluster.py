@@ -19,7 +19,7 @@ import torch
 
 from labeler_service.paths import MAX_REASON_CHARS
 from storage import ImageStatus, Store
-from tests.service.conftest import JOB, Cluster
+from tests.service.conftest import JOB, Cluster, stop
 from tests.service.test_failures import (
     assert_equals_clean_run,
     children,
@@ -73,6 +73,7 @@ def test_a_torn_status_shard_is_labeled_again(cluster: Cluster):
     first = cluster.wait_job(post_job(cluster, JOB))
     assert first["state"] == "succeeded", first
     labelset = Store.open(cluster.root / "store").labelset(first["labelset"])
+    labelset.drop_completion()  # as the writer of a rewrite that then crashed did
     status_dir = cluster.root / "store" / "datasets" / "toy" / "labels" / labelset.id / "status"
     (status_dir / "c" / "1").write_bytes(b"\x00torn")
     assert labelset.pending_shards() == [1]
@@ -208,3 +209,21 @@ def test_heatmaps_of_a_blocking_file_leave_the_api_responsive(cluster: Cluster):
     assert codes <= {409, 503}, codes
     os.killpg(cluster.api.pid, signal.SIGTERM)
     assert cluster.api.wait(timeout=15) is not None
+
+
+def test_a_complete_label_sets_job_succeeds_at_once_without_redis_or_worker(cluster: Cluster,
+                                                                          redis_db):
+    """Issue 15: the request's resolution is in the store too, and the label set's completion
+    summary answers without reading its status array."""
+    cluster.start_api()
+    worker = cluster.start_worker()
+    cluster.register()
+    first = cluster.wait_job(post_job(cluster, JOB))
+    assert first["state"] == "succeeded"
+    stop(worker)
+    redis_db.flushdb()
+    with cluster.client() as client:
+        r = client.post("/v1/jobs", json=JOB)
+        assert r.status_code == 202 and r.json()["state"] == "succeeded", r.text
+        assert r.json()["labelset"] == first["labelset"]
+        assert r.json()["progress"]["images_done"] == 12

@@ -16,7 +16,7 @@ from labeler_service.api.lookups import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.checkpoint_files import checkpoint_problem
 from labeler_service.idempotency import IdempotencyConflict, IdempotencyKeys
-from labeler_service.jobs import Job, JobStore, resolved_labelset_key
+from labeler_service.jobs import Job, JobStore, Resolutions
 from labeler_service.model_names import timm_model_names
 from labeler_service.paths import PathOutsideRoot, is_kind, public_reason, resolve_inside
 from storage import LabelSet, StoreError
@@ -63,11 +63,19 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
     return checkpoint
 
 
-def complete_labelset(client: RedisDep, store: StoreDep, dataset: str, request: dict,
+def failed_images(labelset: LabelSet) -> int:
+    summary = labelset.completion()
+    if summary is None:
+        return int((labelset.status() > 0).sum())
+    return sum(n for code, n in summary["counts"].items() if int(code) > 0)
+
+
+def complete_labelset(resolutions: Resolutions, store: StoreDep, dataset: str, request: dict,
                       checkpoint: Path) -> LabelSet | None:
-    """The label set an earlier identical job made, if it is complete."""
-    key = resolved_labelset_key(store.dataset(dataset).fingerprint, request, checkpoint)
-    labelset_id = client.get(key)
+    """The label set an earlier identical job made, if it is complete (found in O(1): Redis, or
+    the store's index if Redis lost it; complete from its summary)."""
+    labelset_id = resolutions.find(
+        Resolutions.identity(store.dataset(dataset).fingerprint, request, checkpoint))
     if labelset_id is None:
         return None
     try:
@@ -76,7 +84,7 @@ def complete_labelset(client: RedisDep, store: StoreDep, dataset: str, request: 
         return None
     if request.get("repair"):
         return None  # the planner checks its shards
-    if request.get("retry_failed") and (labelset.status() > 0).any():
+    if request.get("retry_failed") and failed_images(labelset):
         return None  # its failed images are to be labeled again
     return labelset if labelset.is_complete() else None
 
@@ -115,7 +123,8 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
             raise HTTPException(503, public_reason(f"the store cannot be written: {e}",
                                                    store_location=store.location)) from None
         raise
-    done = complete_labelset(client, store, body.dataset, request, checkpoint)
+    done = complete_labelset(Resolutions(client, store, settings.job_ttl_seconds), store,
+                             body.dataset, request, checkpoint)
     if done is not None:  # nothing to label: the job succeeds at once
         jobs.start_from_store(job.id, done)
         jobs.finish(job.id, "succeeded", agreement=done.attrs.get("agreement"))

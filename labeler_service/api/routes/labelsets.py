@@ -64,7 +64,9 @@ def to_json(values: np.ndarray) -> list:
             responses={404: {"description": "Not found"}})
 def get_labelset(labelset_id: LabelSetId, store: StoreDep) -> LabelSetOut:
     labelset = find_labelset(store, labelset_id)
-    pending = labelset.pending_shards()
+    # A complete label set answers from its summary in one read; only an incomplete one reads
+    # the status array (one object per shard).
+    pending = [] if labelset.completion() is not None else labelset.pending_shards()
     return LabelSetOut(id=labelset.id, dataset=labelset.dataset,
                        num_images=labelset.num_images, num_shards=labelset.num_shards,
                        shards_done=labelset.num_shards - len(pending), complete=not pending,
