@@ -22,7 +22,6 @@ import numpy as np
 from labeler_service.labeling import label_space_problem
 from labeler_service.scenes import load_mask, mask_path
 from storage import Dataset, ImageStatus, LabelSet, TeacherSpec
-from storage.splits import held_out
 
 AGREEMENT_TOPK = 5
 RELIABILITY_BINS = 10
@@ -235,7 +234,7 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
                               "masks_of_other_size": mismatched, "val_permille": val_permille,
                               "all": dense_quality(*arrays, num_classes)}
     if val_permille:
-        held = held_out(manifest.path[rows_arr], val_permille)
+        held = dataset.held_out(val_permille)[rows_arr]
         result["held_out"] = dense_quality(*(a[held] for a in arrays), num_classes)
     if record:
         labelset.record_summary("label_quality", result)

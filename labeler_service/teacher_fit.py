@@ -60,7 +60,6 @@ from storage.images import (
     open_rgb,
     read_image_bytes,
 )
-from storage.splits import held_out
 from storage.store import code_version
 
 
@@ -233,7 +232,7 @@ def usable_split(dataset: StoreDataset, val_permille: int) -> Split:
     manifest = dataset.manifest()
     rows = np.flatnonzero((manifest.label >= 0) & (manifest.width > 0))
     labels = manifest.label[rows]
-    held = held_out(manifest.path[rows], val_permille)
+    held = dataset.held_out(val_permille)[rows]
     per_class = np.bincount(labels[~held], minlength=len(classes))
     if (per_class == 0).any():
         name = classes[int(np.flatnonzero(per_class == 0)[0])]

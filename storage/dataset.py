@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from zarr.codecs import ZstdCodec
 from storage.errors import StoreError
 from storage.labelset import LabelSet, LabelSetConfig
 from storage.manifest import Manifest
+from storage.splits import split_bucket
 
 MANIFEST_CHUNK = 65536  # rows per manifest chunk: paths compress well and are read whole
 # Stored column name -> Manifest attribute ("class" is a Python keyword).
@@ -50,6 +52,7 @@ class Dataset:
                                        compressors=(ZstdCodec(level=5),), overwrite=True)
             if n:
                 arr[:] = values
+        write_split_buckets(columns, manifest.path)
         group.require_group("labels")
         group.update_attributes({  # one write: MutableMapping.update would write per key
             "kind": "dataset",
@@ -72,6 +75,24 @@ class Dataset:
                 values[attr] = np.array(values[attr].tolist(), dtype=str)
             self._manifest = Manifest(**values, class_names=self.class_names)
         return self._manifest
+
+    def split_buckets(self) -> np.ndarray:
+        """Every image's held-out bucket (``storage.splits.split_bucket``, 0..999), int16:
+        stored at registration (``manifest/bucket``), so no reader hashes millions of paths at
+        start; computed (and stored, where the store is writable) for datasets registered
+        before it was."""
+        columns = self.group["manifest"]
+        if "bucket" in columns.array_keys():
+            return np.asarray(columns["bucket"][:], dtype=np.int64)
+        buckets = split_bucket(self.manifest().path)
+        with contextlib.suppress(Exception):  # a read-only store: computed every time
+            write_split_buckets(zarr.open_group(store=columns.store, path=columns.path,
+                                                mode="r+"), self.manifest().path, buckets)
+        return buckets
+
+    def held_out(self, permille: int) -> np.ndarray:
+        """The held-out split at ``permille`` (``storage.splits.held_out``), from the buckets."""
+        return self.split_buckets() < permille
 
     def image_path(self, index: int) -> str:
         """One image's relative path, read alone (the API's single-image routes): the whole
@@ -108,3 +129,15 @@ class Dataset:
                              f"but {self.name!r} has {self.fingerprint}")
         return LabelSet.create(self.group["labels"], self.name, self.num_images, config,
                                self.code_version)
+
+
+def write_split_buckets(columns: zarr.Group, paths: np.ndarray,
+                        buckets: np.ndarray | None = None) -> None:
+    """The ``manifest/bucket`` column: each path's held-out bucket (0..999) as int16."""
+    buckets = split_bucket(paths) if buckets is None else buckets
+    n = len(paths)
+    arr = columns.create_array("bucket", shape=(n,), dtype=np.int16,
+                               chunks=(max(1, min(n, MANIFEST_CHUNK)),),
+                               compressors=(ZstdCodec(level=5),), overwrite=True)
+    if n:
+        arr[:] = buckets.astype(np.int16)

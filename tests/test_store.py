@@ -321,3 +321,23 @@ def test_ordered_map_keeps_order_and_window():
             out.append(x)
             assert len(submitted) - len(out) <= 5
     assert out == [v * v for v in range(100)]
+
+
+def test_split_buckets_are_stored_at_registration_and_made_for_older_datasets(
+        tmp_path: Path, images: Path):
+    """Issue 15: no reader hashes every path at start (15 s at 14.2M images)."""
+    from storage.splits import held_out, split_bucket
+
+    store = Store.open(tmp_path / "store")
+    dataset, _ = store.add_dataset("toy", images)
+    paths = dataset.manifest().path
+    columns = store.root["datasets/toy/manifest"]
+    assert "bucket" in columns.array_keys()
+    np.testing.assert_array_equal(dataset.split_buckets(), split_bucket(paths))
+    np.testing.assert_array_equal(dataset.held_out(300), held_out(paths, 300))
+
+    del columns["bucket"]  # a dataset registered before the column existed
+    older = Store.open(tmp_path / "store").dataset("toy")
+    np.testing.assert_array_equal(older.split_buckets(), split_bucket(paths))
+    assert "bucket" in Store.open(tmp_path / "store").root["datasets/toy/manifest"].array_keys()
+    assert older.fingerprint == dataset.fingerprint  # the column is not part of the contents

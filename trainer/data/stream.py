@@ -27,7 +27,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from storage import ImageStatus, LabelSet, Store, StoreError
 from storage.images import to_rgb
-from storage.splits import held_out
 from trainer.augment import (
     IDENTITY_THETA,
     RandAugmentConfig,
@@ -105,9 +104,10 @@ class TokenLabelStream(IterableDataset):
         # Everything a worker needs to compute its order, read once in the parent: small arrays.
         store = Store.open(config.store, mode="r")
         labelset = open_labelset(store, config.dataset, config.labelset)
-        manifest = store.dataset(config.dataset).manifest()
+        dataset = store.dataset(config.dataset)
+        manifest = dataset.manifest()
         status = labelset.status()
-        in_split = held_out(manifest.path, config.val_permille)
+        in_split = dataset.held_out(config.val_permille)  # stored buckets: no hashing here
         if config.split == "train":
             in_split = ~in_split
         usable = in_split & (status == ImageStatus.LABELED)
