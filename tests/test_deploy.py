@@ -464,16 +464,31 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_dockerfile_cuda_runtime_base() -> None:
+    """The default base is a CUDA runtime; BASE_IMAGE replaces it (a local or mirrored base)."""
     stages: dict[str, str] = {}
+    args: dict[str, str] = {}
     final = ""
     for instruction, rest in dockerfile_instructions():
+        if instruction == "ARG" and "=" in rest:
+            name, default = rest.split("=", 1)
+            args[name] = default
         if instruction == "FROM":
-            words = rest.split()
+            words = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest).split()
             image = stages.get(words[0], words[0])   # FROM an earlier stage: its base image
             if len(words) == 3 and words[1].lower() == "as":
                 stages[words[2]] = image
             final = image
     assert "cuda" in final and "runtime" in final, final
+    assert "BASE_IMAGE" in args
+
+
+def test_dockerfile_installs_through_optional_pip_secrets() -> None:
+    runs = [rest for instruction, rest in dockerfile_instructions() if instruction == "RUN"
+            and "pip-install" in rest]
+    assert len(runs) == 2 and all("id=pip_conf" in r and "id=ca_bundle" in r for r in runs)
+    script = (ROOT / "deploy" / "pip-install.sh").read_text()
+    assert "PIP_CONFIG_FILE=/run/secrets/pip_conf" in script
+    assert "PIP_CERT=/run/secrets/ca_bundle" in script
 
 
 def test_dockerfile_user_and_entrypoint() -> None:
@@ -503,3 +518,22 @@ def test_dockerignore() -> None:
                 "api_keys.txt"}
     assert required <= entries, required - entries
     assert any("__pycache__" in entry for entry in entries)
+
+
+def test_compose_redis_is_configured_explicitly(services) -> None:
+    command = " ".join(argv(services["redis"]["command"]))
+    assert "--bind 0.0.0.0" in command and "--protected-mode no" in command
+    assert "ports" not in services["redis"]  # reachable on the compose network only
+
+
+def test_the_cpu_profile_runs_a_cpu_worker_and_no_gpu_reservation(services) -> None:
+    cpu = yaml.safe_load((ROOT / "docker-compose.cpu.yml").read_text())["services"]
+    assert cpu["worker-gpu0"]["profiles"] == ["gpu"]  # not started by the CPU profile
+    worker = cpu["worker-cpu"]
+    assert "deploy" not in worker and worker["environment"]["LABELER_DEVICE"] == "cpu"
+    assert worker["command"].startswith("labeler worker")
+    assert worker["environment"]["LABELER_REDIS_URL"] == \
+        services["api"]["environment"]["LABELER_REDIS_URL"]
+    assert set(compose_mounts(worker)) == {"/data", "/checkpoints", "/store"}
+    args = cpu["api"]["build"]["args"]
+    assert "BASE_IMAGE" in args and "TORCH_INDEX_URL" in args
