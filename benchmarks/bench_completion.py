@@ -16,12 +16,12 @@ import statistics
 import time
 
 import common
-from bench_store import make_manifest
+from bench_store import imagenet_labelset
 from fastapi.testclient import TestClient
 
 from labeler_service.api.main import create_app
 from labeler_service.settings import Settings
-from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
+from storage import ImageStatus, Store
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -33,15 +33,8 @@ def percentiles(seconds: list[float]) -> dict:
 
 def run(args) -> dict:
     with common.scratch_dir(args, "bench_completion-") as base:
+        labelset = imagenet_labelset(base, args.images)
         store = Store.open(base / "store")
-        manifest = make_manifest([(i % 1000, f"n{i % 1000:04d}/{i}") for i in
-                                  range(args.images)], 0)
-        dataset, _ = store.add_dataset("bench", base, manifest=manifest)
-        teacher = TeacherSpec(model="dm_nfnet_f6", checkpoint_sha256=None, num_classes=1000,
-                              input_size=576, class_names=tuple(dataset.class_names))
-        labelset = dataset.create_labelset(LabelSetConfig(
-            teacher=teacher, topk=5, grid=(18, 18), dataset_fingerprint=dataset.fingerprint,
-            shard_size=1024))
         labelset.array("status")[:] = ImageStatus.LABELED
         settings = Settings(store=str(base / "store"), data_root=base, checkpoint_root=base,
                             redis_url=args.redis_url, api_keys="k")

@@ -169,6 +169,20 @@ def make_manifest(paths: list[tuple[int, str]], seed: int) -> Manifest:
     )
 
 
+def imagenet_labelset(base: Path, images: int, seed: int = 0) -> LabelSet:
+    """An empty label set with ImageNet's geometry (1000 classes, 18x18, top-5, shards of
+    1024) over a registered dataset of ``images`` made-up paths: the scale benchmarks' subject
+    (bench_verify, bench_completion)."""
+    store = Store.open(base / "store")
+    manifest = make_manifest([(i % 1000, f"n{i % 1000:04d}/{i}") for i in range(images)], seed)
+    dataset, _ = store.add_dataset("bench", base, manifest=manifest)
+    teacher = TeacherSpec(model="dm_nfnet_f6", checkpoint_sha256=None, num_classes=1000,
+                          input_size=576, class_names=tuple(dataset.class_names))
+    return dataset.create_labelset(LabelSetConfig(
+        teacher=teacher, topk=5, grid=(18, 18), dataset_fingerprint=dataset.fingerprint,
+        shard_size=1024))
+
+
 def disk_usage(root: Path) -> dict[str, int]:
     files = allocated = apparent = 0
     for dirpath, _, filenames in os.walk(root):

@@ -22,9 +22,9 @@ import time
 
 import common
 import numpy as np
-from bench_store import make_manifest
+from bench_store import imagenet_labelset
 
-from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
+from storage import ImageStatus
 from storage.verify import completed_shard_problem
 
 SCALES = {"imagenet_1k": 1_281_167, "imagenet_21k": 14_197_122}
@@ -33,15 +33,7 @@ SCALES = {"imagenet_1k": 1_281_167, "imagenet_21k": 14_197_122}
 def run(args) -> dict:
     rng = np.random.default_rng(args.seed)
     with common.scratch_dir(args, "bench_verify-") as base:
-        store = Store.open(base / "store")
-        manifest = make_manifest([(i % 1000, f"n{i % 1000:04d}/{i}") for i in
-                                  range(args.images)], args.seed)
-        dataset, _ = store.add_dataset("bench", base, manifest=manifest)
-        teacher = TeacherSpec(model="dm_nfnet_f6", checkpoint_sha256=None, num_classes=1000,
-                              input_size=576, class_names=tuple(dataset.class_names))
-        labelset = dataset.create_labelset(LabelSetConfig(
-            teacher=teacher, topk=5, grid=(18, 18), dataset_fingerprint=dataset.fingerprint,
-            shard_size=1024))
+        labelset = imagenet_labelset(base, args.images, args.seed)
         t0 = time.perf_counter()
         for shard in range(labelset.num_shards):
             block = labelset.empty_block(shard)
