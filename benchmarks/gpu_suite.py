@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,13 +54,14 @@ ROOT = HERE.parent
 @dataclass
 class Step:
     name: str
-    argv: list[str]  # run from the repository root; "{json}" becomes the step's JSON path
+    # Run from the repository root; "{json}" becomes the step's JSON path, "{matmul_tflops}"
+    # the matmul step's rate (the option before it is dropped when it was not measured).
+    argv: list[str]
     cap_s: float  # the most this step may take of the budget
     min_s: float = 20.0  # not started with less than this left
-    results: dict = field(default_factory=dict)
 
 
-def steps_for(device: str, tiny: bool, matmul_tflops: float | None) -> list[Step]:
+def steps_for(device: str, tiny: bool) -> list[Step]:
     py = sys.executable
     cores = os.cpu_count() or 1
     if tiny:  # seconds on a CPU: the same code paths, toy sizes
@@ -88,7 +89,7 @@ def steps_for(device: str, tiny: bool, matmul_tflops: float | None) -> list[Step
                                  "--input-size", "64", "--rounds", "1", "--device", device,
                                  "--json-out", "{json}"], 60),
         ]
-    peak = ["--peak-tflops", f"{matmul_tflops:.1f}"] if matmul_tflops else []
+    peak = ["--peak-tflops", "{matmul_tflops}"]  # the rate the matmul step measured
     workers = str(max(1, cores - 2))  # decoding processes; the rest feeds the GPU
     return [
         Step("cuda_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -172,12 +173,26 @@ def environment(device: str) -> dict:
     return env
 
 
-def run_step(step: Step, results_dir: Path, log, time_left: float) -> dict:
+def step_argv(step: Step, json_path: Path, matmul_tflops: float | None) -> list[str]:
+    argv: list[str] = []
+    for a in step.argv:
+        if a == "{matmul_tflops}":
+            if matmul_tflops is None:
+                argv.pop()  # its option too: the script's default applies
+            else:
+                argv.append(f"{matmul_tflops:.1f}")
+        else:
+            argv.append(str(json_path) if a == "{json}" else a)
+    return argv
+
+
+def run_step(step: Step, results_dir: Path, log, time_left: float,
+             matmul_tflops: float | None) -> dict:
     if time_left < step.min_s:
         return {"status": "skipped", "reason": f"{time_left:.0f} s of the budget left"}
     json_path = results_dir / f".{step.name}.json"
     json_path.unlink(missing_ok=True)
-    argv = [str(json_path) if a == "{json}" else a for a in step.argv]
+    argv = step_argv(step, json_path, matmul_tflops)
     limit = min(step.cap_s, time_left)
     log.write(f"\n==== {step.name} (limit {limit:.0f} s): {' '.join(argv)}\n")
     log.flush()
@@ -274,15 +289,14 @@ def main(argv: list[str] | None = None) -> int:
                "budget_s": args.budget_s, "steps": {}}
     only = set(args.only.split(",")) if args.only else None
     with open(args.results / "log", "a") as log:
-        names = [s.name for s in steps_for(args.device, args.tiny, None)]
-        for name in names:
+        for step in steps_for(args.device, args.tiny):
+            name = step.name
             if only and name not in only:
                 continue
-            mm = results["steps"].get("matmul", {}).get("result")
-            step = next(s for s in steps_for(args.device, args.tiny, mm and mm["tflops"])
-                        if s.name == name)
+            matmul = results["steps"].get("matmul", {}).get("result")
             results["steps"][name] = run_step(step, args.results, log,
-                                              deadline - time.monotonic())
+                                              deadline - time.monotonic(),
+                                              matmul["tflops"] if matmul else None)
             print(f"{name}: {results['steps'][name]['status']} "
                   f"({results['steps'][name].get('seconds', 0):.0f} s)", flush=True)
             (args.results / "results.json").write_text(json.dumps(results, indent=1) + "\n")

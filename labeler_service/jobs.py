@@ -109,9 +109,8 @@ def progress_in_store(labelset: LabelSet, retry_failed: bool = False) -> dict[st
     the shards holding failed images count as not done (the job labels them again)."""
     summary = labelset.completion()
     if summary is not None and not retry_failed:  # complete: no status read
-        failed = sum(n for code, n in summary["counts"].items() if int(code) > 0)
         return {"images_total": labelset.num_images, "shards_total": labelset.num_shards,
-                "images_done": labelset.num_images, "images_failed": failed,
+                "images_done": labelset.num_images, "images_failed": labelset.images_failed(),
                 "shards_done": list(range(labelset.num_shards))}
     status = labelset.status()
     todo = set(labelset.pending_shards(status, retry_failed=retry_failed))

@@ -366,6 +366,14 @@ class LabelSet:
         summary = self.attrs.get("completion")
         return summary if isinstance(summary, dict) else None
 
+    def images_failed(self) -> int:
+        """Images with a failure status: from the completion summary when recorded, else from
+        the status records."""
+        summary = self.completion()
+        if summary is None:
+            return int((self.status() > 0).sum())
+        return sum(n for code, n in summary["counts"].items() if int(code) > 0)
+
     def completion_from_status(self, status: np.ndarray | None = None) -> dict[str, Any] | None:
         """The summary as the status records give it (None while any shard is pending)."""
         status = self.status() if status is None else status

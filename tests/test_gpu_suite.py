@@ -41,3 +41,17 @@ def test_a_step_left_without_budget_is_skipped_not_run(tmp_path: Path):
     assert steps["train"]["status"] == "skipped"  # needs 20 s; less than 12 s was left
     assert proc.returncode == 1  # not every step ran
     assert "train: not measured (skipped)" in (tmp_path / "summary.txt").read_text()
+
+
+def test_the_labeling_steps_get_the_measured_matmul_rate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_suite"] = suite  # dataclasses look their module up there
+    spec.loader.exec_module(suite)
+    (f6,) = [s for s in suite.steps_for("cuda", tiny=False) if s.name == "label_f6"]
+    argv = suite.step_argv(f6, Path("/r/x.json"), 812.34)
+    assert argv[argv.index("--peak-tflops") + 1] == "812.3" and "/r/x.json" in argv
+    unmeasured = suite.step_argv(f6, Path("/r/x.json"), None)
+    assert "--peak-tflops" not in unmeasured and "{matmul_tflops}" not in unmeasured

@@ -302,19 +302,6 @@ def test_label_sets_and_jobs_are_found_without_listing_the_store(labeled, clean_
 
 # -- 19-24: messages that say what is wrong ---------------------------------------------------
 
-def test_the_class_count_refusal_names_the_rest_field():
-    from labeler_service.labeling import LabelSpaceMismatch, check_class_space
-
-    class Dataset:
-        name, class_names = "toy", ("a", "b")
-
-    class Teacher:
-        num_classes, class_names = 1000, None
-
-    with pytest.raises(LabelSpaceMismatch, match='"ignore_dataset_classes": true'):
-        check_class_space(Dataset(), Teacher(), override='"ignore_dataset_classes": true')
-
-
 def test_a_registration_on_a_read_only_store_says_the_store_cannot_be_written(tmp_path):
     from labeler_service.registrations import describe
 

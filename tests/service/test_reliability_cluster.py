@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from labeler_service.paths import MAX_REASON_CHARS
+from labeler_service.sample import make_random_checkpoint
 from storage import ImageStatus, Store
 from tests.service.conftest import JOB, Cluster, stop
 from tests.service.test_failures import (
@@ -45,7 +46,7 @@ def post_job(cluster: Cluster, body: dict) -> str:
 def test_a_checkpoint_that_is_no_state_dict_fails_the_job(cluster: Cluster):
     """It passes the cheap check at POST (a real pickle), and fails when the worker loads it:
     the job fails with one line naming the file and no server path, also after an API
-    restart (items 4, 14, 18)."""
+    restart (items 4, 14, 18, 19)."""
     torch.save([torch.zeros(3)], cluster.root / "checkpoints" / "a-list.pt")
     torch.save({"stem.conv.weight": torch.zeros(1)},
                cluster.root / "checkpoints" / "other-model.pt")
@@ -58,6 +59,11 @@ def test_a_checkpoint_that_is_no_state_dict_fails_the_job(cluster: Cluster):
         assert job["state"] == "failed" and name in error, job
         assert str(cluster.root) not in error and "\n" not in error
         assert len(error) <= MAX_REASON_CHARS
+    # Item 19: the class-space refusal names the REST field, not the CLI flag.
+    make_random_checkpoint(cluster.root / "checkpoints" / "five.safetensors", num_classes=5)
+    job = cluster.wait_job(post_job(cluster, job_with_checkpoint("five.safetensors")))
+    assert job["state"] == "failed" and '"ignore_dataset_classes": true' in job["error"], job
+    assert "--ignore-dataset-classes" not in job["error"]
     cluster.stop_api()
     cluster.start_api()
     with cluster.client() as client:

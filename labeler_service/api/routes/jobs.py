@@ -63,13 +63,6 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
     return checkpoint
 
 
-def failed_images(labelset: LabelSet) -> int:
-    summary = labelset.completion()
-    if summary is None:
-        return int((labelset.status() > 0).sum())
-    return sum(n for code, n in summary["counts"].items() if int(code) > 0)
-
-
 def complete_labelset(resolutions: Resolutions, store: StoreDep, dataset: str, request: dict,
                       checkpoint: Path) -> LabelSet | None:
     """The label set an earlier identical job made, if it is complete (found in O(1): Redis, or
@@ -84,7 +77,7 @@ def complete_labelset(resolutions: Resolutions, store: StoreDep, dataset: str, r
         return None
     if request.get("repair"):
         return None  # the planner checks its shards
-    if request.get("retry_failed") and failed_images(labelset):
+    if request.get("retry_failed") and labelset.images_failed():
         return None  # its failed images are to be labeled again
     return labelset if labelset.is_complete() else None
 
