@@ -305,8 +305,9 @@ def label_shard(self, job_id: str, shard: int) -> None:
                                   decoder=decoder_for(job.dataset, labelset.id,
                                                       str(runner.device)))
         except Exception as e:
-            decoder_for(job.dataset, labelset.id, str(runner.device)).close()
-            decoder_for.cache_clear()  # no decoding processes left behind by a failed task
+            if decoder_for.cache_info().currsize:  # no decoding processes left behind
+                decoder_for(job.dataset, labelset.id, str(runner.device)).close()
+                decoder_for.cache_clear()
             if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
                 raise
             jobs.finish(job_id, "failed", f"shard {shard}: {job_error(e)}")
