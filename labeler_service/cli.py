@@ -419,6 +419,10 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
     if gpu is not None:
         # Before anything can initialise CUDA: the pool's children load the teacher lazily.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    # torch and timm (seconds to import) once, here, before the pool forks: a child, and each
+    # replacement of one killed at the time limit, starts on its task at once. Importing them
+    # does not initialise CUDA, so the children may still.
+    import labeler_service.labeling  # noqa: F401
     from labeler_service.queue import configure
     from labeler_service.settings import get_settings
     from labeler_service.tasks import app  # registers the task bodies on the app

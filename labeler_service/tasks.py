@@ -363,3 +363,8 @@ def _allow_decoding_processes(**_) -> None:
 def _announce(sender=None, **_) -> None:
     log.info("labeler worker ready: queues %s, store %s", ",".join(QUEUES),
              get_settings().store)
+    client = redis.Redis.from_url(get_settings().redis_url)
+    try:  # counted by /metrics from now, not from its first task
+        heartbeat(client, getattr(sender, "hostname", None) or "worker")
+    finally:
+        client.close()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +95,20 @@ class Cluster:
         self.api = None
 
     def start_worker(self, name: str = "w0") -> subprocess.Popen:
-        """``labeler worker``, as deployed: it consumes the labeling and registration queues."""
+        """``labeler worker``, as deployed: it consumes the labeling and registration queues.
+        Returns once it is ready (its first heartbeat), so tests time what it does, not its
+        start."""
         proc = self._spawn("worker", "--name", f"{name}@test", log=f"{name}.log")
         self.workers.append(proc)
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            deadline = time.monotonic() + 60
+            while not client.exists(f"labeler:worker:{name}@test"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {name} did not start:\n{self.log(name + '.log')}")
+                time.sleep(0.05)
+        finally:
+            client.close()
         return proc
 
     def log(self, name: str) -> str:
@@ -120,7 +132,7 @@ class Cluster:
             r = client.post("/v1/datasets", json={"name": name, "path": path})
             assert r.status_code in (200, 202), r.text
         dataset = self.wait_dataset(name)
-        assert dataset["state"] == "ready", dataset
+        assert dataset["state"] == "ready", dataset.get("error")
         return dataset
 
     def logs(self) -> str:
@@ -147,6 +159,29 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
         proc.wait(timeout=20)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[redis.Redis]:
+    """A Redis of a test's own on ``port`` (nothing kept on disk), and a client of it."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
         proc.wait()
 
 
