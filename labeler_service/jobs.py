@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,9 @@ import redis
 
 from labeler_service import keys
 from labeler_service.keys import now
-from storage import LabelSet, Store
+from storage import LabelSet, Store, StoreError
+
+log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "running")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -42,6 +46,7 @@ if added == 1 then
   redis.call('HINCRBY', KEYS[1], 'images_done', tonumber(ARGV[2]) + tonumber(ARGV[3]))
   redis.call('HINCRBY', KEYS[1], 'images_failed', tonumber(ARGV[3]))
   redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+  redis.call('HSET', KEYS[1], 'progressed_at', ARGV[4])
 end
 local done = tonumber(redis.call('HGET', KEYS[1], 'shards_done') or '0')
 local total = tonumber(redis.call('HGET', KEYS[1], 'shards_total') or '-1')
@@ -197,7 +202,8 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.hset(self.key(job.id), mapping={
             "id": job.id, "dataset": dataset, "request": json.dumps(request, sort_keys=True),
-            "state": job.state, "created_at": job.created_at})
+            "state": job.state, "created_at": job.created_at,
+            "progressed_at": job.created_at})
         pipe.zadd(self.INDEX, {job.id: job.created_at})
         pipe.execute()
         try:
@@ -262,7 +268,8 @@ class JobStore:
               images_done: int, images_failed: int, shards_done: list[int]) -> None:
         """Planned: the label set is known and the shards already done in the store are counted."""
         self._set_progress(job_id, labelset, images_total, shards_total, images_done,
-                           images_failed, shards_done, started_at=now())
+                           images_failed, shards_done, progressed_at=now())
+        self.r.hsetnx(self.key(job_id), "started_at", now())  # planned again: still the first
         self.r.eval("if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
                     "redis.call('HSET', KEYS[1], 'state', 'running') end", 1, self.key(job_id))
         self._update_record(job_id, labelset=labelset)
@@ -284,7 +291,7 @@ class JobStore:
         """Count a finished shard once; True when every shard is done and the job is still
         running, i.e. the caller should complete it (``finish(..., "succeeded", agreement)``)."""
         result = self._shard_done(keys=[self.key(job_id), self.done_key(job_id)],
-                                  args=[shard, labeled, failed])
+                                  args=[shard, labeled, failed, now()])
         return result == 2
 
     def finish(self, job_id: str, state: str, error: str = "",
@@ -345,7 +352,8 @@ class JobStore:
                    "request": json.dumps(job.request, sort_keys=True), "state": job.state,
                    "created_at": job.created_at, "labelset": job.labelset or "",
                    "error": job.error or "", "finished_at": job.finished_at or "",
-                   "agreement": json.dumps(job.agreement) if job.agreement else ""}
+                   "agreement": json.dumps(job.agreement) if job.agreement else "",
+                   "progressed_at": now()}
         # HSETNX on the id: two recoverers racing create one record and plan once.
         if not self.r.hsetnx(self.key(job_id), "id", job_id):
             return Job.from_hash(self.r.hgetall(self.key(job_id)))
@@ -381,6 +389,65 @@ class JobStore:
                 self.enqueue(job_id)
                 unsent.append(job_id)
         return unsent
+
+    def requeue_stalled(self, in_broker: set[str] | None, stall_seconds: float) -> list[str]:
+        """Plan again every active job that has made no progress for ``stall_seconds`` and has
+        no task in the broker (``in_broker``: the ids of the jobs that have; None: unknown, so
+        none is planned). Its task was lost (labeler_service.queue.jobs_in_broker): without this
+        the job would wait for ever. Planning again is harmless: it queues only the shards the
+        store does not hold."""
+        if in_broker is None:
+            return []
+        ids = [j for j in self.r.zrange(self.INDEX, 0, -1) if j not in in_broker]
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hmget(self.key(job_id), "state", "progressed_at", "created_at")
+        stalled = []
+        for job_id, (state, progressed_at, created_at) in zip(ids, pipe.execute(), strict=True):
+            last = progressed_at or created_at
+            if state in ACTIVE_STATES and last and now() - float(last) >= stall_seconds:
+                self.r.hset(self.key(job_id), "progressed_at", now())  # once per stall period
+                self.enqueue(job_id)
+                stalled.append(job_id)
+        return stalled
+
+    def recover_at_start(self) -> None:
+        """What the API does at start: recover the jobs Redis lost, queue those never sent."""
+        recovered = self.recover_all()
+        if recovered:
+            log.warning("recovered %d jobs Redis had lost: %s", len(recovered), recovered)
+        unsent = self.requeue_unsent()
+        if unsent:
+            log.warning("queued %d jobs whose plan was never sent: %s", len(unsent), unsent)
+
+    def look_after(self, in_broker: Callable[[], set[str] | None], stall_seconds: float,
+                   stop: threading.Event, retry_recovery: bool = False) -> None:
+        """The API's background thread, until ``stop`` is set. First, if Redis was away at
+        start, :meth:`recover_at_start` once it answers (retried with backoff: Redis may start
+        after the API, and nothing orders them). Then, every quarter of the stall period,
+        :meth:`requeue_stalled`, once across all the API processes sharing this Redis."""
+        delay = 0.5
+        while retry_recovery and not stop.wait(delay):
+            try:
+                self.recover_at_start()
+                log.warning("Redis answers: jobs recovered")
+                retry_recovery = False
+            except redis.RedisError:
+                delay = min(30.0, delay * 2)
+            except (OSError, StoreError) as e:
+                log.error("the store could not be read or written (%s); jobs not recovered", e)
+                retry_recovery = False
+        period = max(1.0, stall_seconds / 4)
+        while not stop.wait(period):
+            try:
+                if self.r.set(keys.STALL_SWEEP, 1, nx=True, px=int(period * 1000)):
+                    stalled = self.requeue_stalled(in_broker(), stall_seconds)
+                    if stalled:
+                        log.warning("planned again %d jobs with no progress for %.0f s and no "
+                                    "task in the broker: %s", len(stalled), stall_seconds,
+                                    stalled)
+            except redis.RedisError as e:  # Redis away: /readyz says so; try again next period
+                log.warning("could not look for stalled jobs: %s", e)
 
     def recover_all(self) -> list[str]:
         """Recover every job the store knows and Redis does not (run at API start)."""

@@ -17,6 +17,7 @@ REGISTRATION_INDEX = f"{PREFIX}registrations"  # set of dataset names being regi
 STATS = f"{PREFIX}stats"  # hash of counters across workers, exported by the API's /metrics
 WORKER_PATTERN = f"{PREFIX}worker:*"
 RECOVERED = f"{PREFIX}recovered"  # set once the store's jobs are in Redis; gone if Redis is
+STALL_SWEEP = f"{PREFIX}stall-sweep"  # held by the API process looking for stalled jobs
 
 
 def now() -> float:

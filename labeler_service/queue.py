@@ -8,6 +8,9 @@ import: each process says which Redis its tasks go to.
 
 from __future__ import annotations
 
+import json
+
+import redis
 from celery import Celery
 
 from labeler_service.settings import Settings
@@ -26,6 +29,9 @@ app = Celery("labeler_service")
 def configure(celery: Celery, settings: Settings) -> None:
     """Point ``celery`` at ``settings``' Redis with the delivery guarantees the tasks rely on."""
     celery.close()  # drop connections to a previous broker, if any
+    amqp = celery.__dict__.get("amqp")
+    if amqp is not None:  # close() keeps the producer pool of the previous broker, and would
+        amqp._producer_pool = None  # send there (kombu keeps one pool per broker, shared)
     celery.conf.update(
         broker_url=settings.redis_url,
         broker_transport_options={
@@ -34,6 +40,10 @@ def configure(celery: Celery, settings: Settings) -> None:
             # (100 s by default, whatever the timeout): sweep every tenth of the timeout instead.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            # The sweep's lock: a worker killed while holding it would stop every redelivery
+            # for kombu's default 300 s. A sweep takes milliseconds, and restoring a message is
+            # a transaction, so two sweepers cannot restore one message twice.
+            "unacked_mutex_expire": 5 * max(1, min(10, settings.visibility_timeout // 10)),
         },
         broker_connection_retry_on_startup=True,
         task_acks_late=True,
@@ -64,3 +74,53 @@ def enqueue_shard(job_id: str, shard: int) -> None:
 def enqueue_registration(name: str, attempt: str) -> None:
     app.send_task(REGISTER_TASK, args=(name, attempt), task_id=f"register:{name}:{attempt}",
                   queue=REGISTRATION_QUEUE)
+
+
+# Where kombu's Redis transport keeps messages: one list per queue and priority step, and every
+# delivered, unacknowledged message in one hash (kombu's default names).
+_PRIORITY_SEPARATOR, _PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
+_UNACKED = "unacked"
+
+
+def queue_lists(queue: str) -> list[str]:
+    return [queue] + [f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS]
+
+
+def jobs_in_broker(client: redis.Redis, max_queued: int = 10_000) -> set[str] | None:
+    """The ids of the jobs with a task (plan or shard) the broker holds: queued, or delivered and
+    not yet acknowledged. None when more than ``max_queued`` tasks wait: too many to read, and
+    then every job counts as held.
+
+    A message can still be lost: kombu's Redis transport pops it from the queue list before it
+    records it as unacknowledged, so a worker killed in between loses it for good. What is not
+    here is not coming (labeler_service.jobs.JobStore.requeue_stalled).
+    """
+    lists = queue_lists(LABELING_QUEUE)
+    pipe = client.pipeline()
+    for name in lists:
+        pipe.llen(name)
+    if sum(pipe.execute()) > max_queued:
+        return None
+    pipe = client.pipeline()
+    for name in lists:
+        pipe.lrange(name, 0, -1)
+    pipe.hvals(_UNACKED)
+    held: set[str] = set()
+    for messages in pipe.execute():
+        for message in messages:
+            task_id = _task_id(message)
+            if task_id is not None:
+                held.add(task_id.split(":", 1)[0])
+    return held
+
+
+def _task_id(message: str | bytes) -> str | None:
+    """The task id in a kombu message: queued ones are the message, unacknowledged ones the
+    first of [message, exchange, routing key]. None for anything else."""
+    try:
+        data = json.loads(message)
+        if isinstance(data, list):
+            data = data[0]
+        return str(data["headers"]["id"])
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
                                     "an unacknowledged task (a worker lost mid-shard).")
     task_time_limit: int | None = Field(None, ge=5, description="Hard limit per shard task; "
                                         "default 80 % of the visibility timeout.")
+    stall_seconds: float = Field(120, gt=0, description="A queued or running job with no "
+                                 "progress for this long and no task in the broker (a task the "
+                                 "broker lost) is planned again by the API.")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     heatmap_max_pixels: int = Field(40_000_000, ge=1, description="Largest source image a "
                                     "heatmap is drawn over (a PNG decodes whole: ~4 bytes/px).")

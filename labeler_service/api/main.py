@@ -20,7 +20,7 @@ from labeler_service.api.routes import datasets, health, jobs, labelsets
 from labeler_service.api.schemas import Problem
 from labeler_service.jobs import JobStore
 from labeler_service.queue import app as celery_app
-from labeler_service.queue import configure, enqueue_plan
+from labeler_service.queue import configure, enqueue_plan, jobs_in_broker
 from labeler_service.registrations import RegistrationStore
 from labeler_service.settings import Settings, get_settings
 from storage import Store, StoreError
@@ -80,18 +80,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registrations = RegistrationStore(app.state.redis, settings.job_ttl_seconds,
                                                     stale_after=settings.visibility_timeout)
         try:
-            recovered = app.state.jobs.recover_all()
-            if recovered:
-                log.warning("recovered %d jobs Redis had lost: %s", len(recovered), recovered)
-            unsent = app.state.jobs.requeue_unsent()
-            if unsent:
-                log.warning("queued %d jobs whose plan was never sent: %s", len(unsent), unsent)
+            app.state.jobs.recover_at_start()
+            retry_recovery = False
         except redis.RedisError as e:
-            log.error("Redis unreachable at start (%s); /readyz will say so", e)
+            log.error("Redis unreachable at start (%s); /readyz will say so until it answers",
+                      e)
+            retry_recovery = True
         except (OSError, StoreError) as e:  # a read-only or unreachable store: serve anyway
             log.error("the store could not be read or written at start (%s); /readyz will "
                       "say so", e)
+            retry_recovery = False
+        stop_watching = threading.Event()
+        threading.Thread(target=app.state.jobs.look_after, name="look-after-jobs", daemon=True,
+                         args=(lambda: jobs_in_broker(app.state.redis), settings.stall_seconds,
+                               stop_watching, retry_recovery)).start()
         yield
+        stop_watching.set()
         app.state.redis.close()
 
     app = FastAPI(

@@ -24,12 +24,20 @@ from fastapi.testclient import TestClient
 
 from labeler_service.api.main import create_app
 from labeler_service.api.schemas import JobCreate
-from labeler_service.queue import REGISTRATION_QUEUE
+from labeler_service.jobs import Job
+from labeler_service.queue import REGISTRATION_QUEUE, configure, enqueue_plan
+from labeler_service.queue import app as celery_app
 from labeler_service.registrations import describe, run_registration
 from labeler_service.sample import make_sample_images
 from labeler_service.settings import Settings
 from storage import Store, StoreError
-from tests.service.conftest import JOB, REDIS_URL, make_empty_labelset
+from tests.service.conftest import (
+    JOB,
+    REDIS_URL,
+    free_port,
+    make_empty_labelset,
+    redis_server,
+)
 
 # db 11 like the other service tests; another db when sessions share one Redis at the same time.
 REDIS_URL = os.environ.get("LABELER_TEST_API_REDIS_URL", REDIS_URL)
@@ -838,6 +846,41 @@ def test_readyz_is_503_when_redis_is_unreachable(start, root: Path):
         r = client.post("/v1/jobs", json=JOB)  # a valid job, and nowhere to queue it
         assert_problem(r, 503)
         assert r.headers["retry-after"] and "Redis is unavailable" in r.json()["detail"]
+
+
+def test_redis_that_starts_after_the_api_is_used_once_it_answers(start, root: Path):
+    """Nothing orders Redis and the API (podman-compose ignores health conditions): the API
+    starts without it, is not ready, and once Redis answers is ready and recovers the jobs."""
+    port = free_port()
+    with start(redis_url=f"redis://127.0.0.1:{port}/0") as client:
+        assert_problem(client.get("/readyz"), 503)
+        jobs = client.app.state.jobs  # a job the store holds and this Redis will not know
+        jobs._write_record(Job(id="job-1-2ec0fe", dataset="toy", state="queued",
+                               request={k: v for k, v in JOB.items() if k != "dataset"},
+                               created_at=1.0))
+        deadline = time.monotonic() + 30
+        with redis_server(port) as late:
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "not ready after Redis started"
+                time.sleep(0.1)
+            while not late.exists("labeler:job:job-1-2ec0fe"):  # recovered, and planned
+                assert time.monotonic() < deadline, "the store's job was not recovered"
+                time.sleep(0.1)
+            r = client.get("/v1/jobs/job-1-2ec0fe")
+            assert r.status_code == 200 and r.json()["state"] == "queued", r.text
+            assert any("job-1-2ec0fe" in m for m in late.lrange("labeling", 0, -1))
+
+
+def test_an_app_configured_again_sends_to_its_new_broker(clean_redis):
+    """Each API app says which Redis its tasks go to, however many a process has made."""
+    configure(celery_app, Settings(redis_url=REDIS_URL))
+    enqueue_plan("job-1-aa")
+    port = free_port()
+    with redis_server(port) as other:
+        configure(celery_app, Settings(redis_url=f"redis://127.0.0.1:{port}/0"))
+        enqueue_plan("job-1-bb")
+        assert other.llen("labeling") == 1 and clean_redis.llen("labeling") == 1
+    celery_app.close()
 
 
 def test_readyz_is_200_when_redis_and_store_answer(client: TestClient):
