@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     args.results.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + args.budget_s
     results = {"environment": environment(args.device), "tiny": args.tiny,
                "budget_s": args.budget_s, "steps": {}}
+    deadline = time.monotonic() + args.budget_s  # for the steps (the above imports torch)
     only = set(args.only.split(",")) if args.only else None
     with open(args.results / "log", "a") as log:
         for step in steps_for(args.device, args.tiny):
