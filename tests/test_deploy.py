@@ -5,12 +5,14 @@ cluster, no network: the files are parsed, not run."""
 
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -169,8 +171,9 @@ def test_cli_options_used_in_deploy_files_exist(services, k8s) -> None:
 
 def test_compose_redis_is_persistent_noeviction_and_healthchecked(services) -> None:
     redis = services["redis"]
-    assert redis["image"].split(":")[0] == "redis"
+    assert redis["image"] == "${TOKENLABEL_REDIS_IMAGE:-redis:7}"  # the official by default
     command = " ".join(argv(redis["command"]))
+    assert "--dir /data" in command  # where the AOF goes, whatever the image's working dir
     assert "--appendonly yes" in command
     assert "--appendfsync everysec" in command
     assert "--maxmemory-policy noeviction" in command
@@ -303,6 +306,22 @@ def test_k8s_manifests_parse(k8s) -> None:
     assert all(doc["kind"] != "Kustomization" for doc in k8s)
 
 
+def test_k8s_manifests_validate_against_the_kubernetes_schemas(k8s) -> None:
+    version = kubernetes_validate.latest_version()
+    manifests = [{k: v for k, v in doc.items() if k != "_file"} for doc in k8s]
+    for doc in manifests:
+        kubernetes_validate.validate(doc, version, strict=True)  # unknown fields too
+    # ... which catches what a typo would do (a positive control).
+    worker = copy.deepcopy(find(manifests, "Deployment", "labeler-worker"))
+    worker["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(worker, version, strict=True)
+    worker["spec"]["replicas"] = 1
+    worker["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(worker, version, strict=True)
+
+
 def test_k8s_worker(k8s) -> None:
     worker = find(k8s, "Deployment", "labeler-worker")
     pod = worker["spec"]["template"]["spec"]
@@ -375,6 +394,7 @@ def test_k8s_redis_is_persistent_and_noeviction(k8s) -> None:
     assert "--appendonly yes" in command
     assert "--appendfsync everysec" in command
     assert "--maxmemory-policy noeviction" in command
+    assert "--bind 0.0.0.0" in command and "--protected-mode no" in command
     assert any(m["mountPath"] == "/data" for m in container["volumeMounts"])
     service = find(k8s, "Service", "redis")
     assert service["spec"]["ports"][0]["port"] == 6379
