@@ -196,6 +196,14 @@ def redis_db() -> redis.Redis:
 
 
 @pytest.fixture
+def clean_redis(redis_db: redis.Redis) -> Iterator[redis.Redis]:
+    """Redis db 11, emptied before and after the test."""
+    redis_db.flushdb()
+    yield redis_db
+    redis_db.flushdb()
+
+
+@pytest.fixture
 def cluster(tmp_path: Path, redis_db: redis.Redis) -> Iterator[Cluster]:
     redis_db.flushdb()
     (tmp_path / "data").mkdir()

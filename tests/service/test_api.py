@@ -74,16 +74,6 @@ def error_locs(r: httpx.Response) -> list[list]:
     return [e["loc"] for e in assert_validation_problem(r)]
 
 
-@pytest.fixture
-def clean_redis() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        client.ping()
-    except redis.ConnectionError as e:
-        raise RuntimeError(f"the API tests need Redis at {REDIS_URL}: {e}") from e
-    client.flushdb()
-    yield client
-    client.flushdb()
     client.close()
 
 

@@ -31,13 +31,6 @@ from tests.service.conftest import JOB, REDIS_URL, Cluster, stop
 REQUEST = {k: v for k, v in JOB.items() if k != "dataset"}
 
 
-@pytest.fixture
-def clean_redis() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture

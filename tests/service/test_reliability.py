@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from labeler_service.api.main import create_app
@@ -29,13 +28,6 @@ AUTH = {"Authorization": "Bearer k1"}
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture
-def clean_redis() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture
