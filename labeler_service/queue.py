@@ -32,18 +32,19 @@ def configure(celery: Celery, settings: Settings) -> None:
     amqp = celery.__dict__.get("amqp")
     if amqp is not None:  # close() keeps the producer pool of the previous broker, and would
         amqp._producer_pool = None  # send there (kombu keeps one pool per broker, shared)
+    # kombu sweeps for overdue unacknowledged tasks every interval x throttle seconds (100 s by
+    # default, whatever the timeout): sweep every tenth of the timeout instead.
+    restore_interval = max(1, min(10, settings.visibility_timeout // 10))
     celery.conf.update(
         broker_url=settings.redis_url,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
-            # kombu sweeps for overdue unacknowledged tasks every interval x throttle seconds
-            # (100 s by default, whatever the timeout): sweep every tenth of the timeout instead.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_interval": restore_interval,
             "unacked_restore_throttle": 1,
             # The sweep's lock: a worker killed while holding it would stop every redelivery
             # for kombu's default 300 s. A sweep takes milliseconds, and restoring a message is
             # a transaction, so two sweepers cannot restore one message twice.
-            "unacked_mutex_expire": 5 * max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_mutex_expire": 5 * restore_interval,
         },
         broker_connection_retry_on_startup=True,
         task_acks_late=True,
@@ -76,14 +77,10 @@ def enqueue_registration(name: str, attempt: str) -> None:
                   queue=REGISTRATION_QUEUE)
 
 
-# Where kombu's Redis transport keeps messages: one list per queue and priority step, and every
-# delivered, unacknowledged message in one hash (kombu's default names).
-_PRIORITY_SEPARATOR, _PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
+# Where kombu's Redis transport keeps messages: a list per queue (tasks are sent without a
+# priority, so kombu's per-priority lists stay empty), and every delivered, unacknowledged
+# message in one hash (kombu's default name).
 _UNACKED = "unacked"
-
-
-def queue_lists(queue: str) -> list[str]:
-    return [queue] + [f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS]
 
 
 def jobs_in_broker(client: redis.Redis, max_queued: int = 10_000) -> set[str] | None:
@@ -95,15 +92,10 @@ def jobs_in_broker(client: redis.Redis, max_queued: int = 10_000) -> set[str] | 
     records it as unacknowledged, so a worker killed in between loses it for good. What is not
     here is not coming (labeler_service.jobs.JobStore.requeue_stalled).
     """
-    lists = queue_lists(LABELING_QUEUE)
-    pipe = client.pipeline()
-    for name in lists:
-        pipe.llen(name)
-    if sum(pipe.execute()) > max_queued:
+    if client.llen(LABELING_QUEUE) > max_queued:
         return None
     pipe = client.pipeline()
-    for name in lists:
-        pipe.lrange(name, 0, -1)
+    pipe.lrange(LABELING_QUEUE, 0, -1)
     pipe.hvals(_UNACKED)
     held: set[str] = set()
     for messages in pipe.execute():

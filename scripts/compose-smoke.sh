@@ -83,7 +83,8 @@ teardown() {
 trap teardown EXIT
 
 # Run "$@" within the time left; a step past it fails the run.
-within() { timeout "$(left)" "$@"; }
+within() { local t; t=$(left); (( t > 0 )) || { echo "out of time" >&2; return 1; }
+           timeout "$t" "$@"; }
 
 # GET or POST to the API; prints the body, fails on a non-2xx status.
 call() {

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis
 
+from labeler_service import keys
 from labeler_service.sample import make_random_checkpoint, make_sample_images
 from storage import LabelSetConfig, Store, TeacherSpec
 
@@ -103,7 +104,7 @@ class Cluster:
         client = redis.Redis.from_url(self.redis_url)
         try:
             deadline = time.monotonic() + 60
-            while not client.exists(f"labeler:worker:{name}@test"):
+            while not client.exists(keys.worker(f"{name}@test")):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"worker {name} did not start:\n{self.log(name + '.log')}")
                 time.sleep(0.05)
