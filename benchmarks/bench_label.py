@@ -211,7 +211,7 @@ def run(args) -> dict:
                                         args.jpeg_quality)
         checkpoint = make_random_checkpoint(base / f"{args.model}.safetensors", model=args.model,
                                             num_classes=1000, seed=args.seed)
-        files = [images / p for p in list_image_files(images)]  # manifest order
+        files = [images / p for p in list_image_files(images).paths]  # manifest order
         bare = BareForward(args, checkpoint, files)
         gflops = bare.gflops_per_image()
         setup_s = time.perf_counter() - t0

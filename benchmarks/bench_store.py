@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from storage import ImageStatus, LabelSetConfig, Manifest, Store, TeacherSpec
+from storage import ImageStatus, LabelSetConfig, Manifest, PathColumn, Store, TeacherSpec
 from storage.labelset import ARRAY_NAMES, DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, LabelSet
 
 DATASET = "bench"
@@ -160,8 +160,9 @@ def make_manifest(paths: list[tuple[int, str]], seed: int) -> Manifest:
     used = sorted({cls for cls, _ in paths})
     index = {cls: j for j, cls in enumerate(used)}
     return Manifest(
-        path=np.array(names, dtype=str),
-        sha256=np.array([hashlib.sha256(p.encode()).hexdigest() for p in names], dtype=str),
+        path=PathColumn.from_strings(names),
+        sha256=np.frombuffer(b"".join(hashlib.sha256(p.encode()).digest() for p in names),
+                             np.uint8).reshape(n, 32),
         width=rng.integers(300, 501, n).astype(np.int32),
         height=rng.integers(250, 451, n).astype(np.int32),
         label=np.array([index[cls] for cls, _ in paths], dtype=np.int32),

@@ -159,7 +159,7 @@ def load_split(work: Path, labelset_id: str, size: int, grid: tuple[int, int], s
         store=str(work / "store"), dataset="scenes", labelset=labelset_id, image_size=size,
         split=split, augment=False, val_permille=VAL_BUCKETS[1]))
     dataset = Store.open(work / "store", mode="r").dataset("scenes")
-    paths = dataset.manifest().path
+    paths = dataset.paths()
     bucket = split_bucket(paths)
     geometry = TeacherSpec(model="student", checkpoint_sha256=None, num_classes=1,
                            input_size=size)  # the student sees the whole image, squashed
@@ -286,7 +286,7 @@ def write_run_panels(folder: Path, checkpoint: Path, arm: Arm, images: EvalImage
     model, normalize = load_checkpoint(checkpoint, torch.device("cpu"))
     store = Store.open(work / "store", mode="r")
     labelset, dataset = store.labelset(labelset_id), store.dataset("scenes")
-    root, paths = Path(dataset.source_root), dataset.manifest().path
+    root, paths = Path(dataset.source_root), dataset.paths()
     subset = EvalImages(images.index[:count], images.pixels[:count], images.label[:count],
                         images.truth[:count], images.object_fraction[:count])
     out = forward_all(model, normalize, subset)

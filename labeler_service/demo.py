@@ -179,7 +179,7 @@ def write_panels(folder: Path, store: Store, labelset_id: str, images: Path,
     """``config.panels`` PNGs of held-out images: image | ground truth | teacher top-1."""
     labelset = store.labelset(labelset_id)
     dataset = store.dataset(labelset.dataset)
-    paths = dataset.manifest().path
+    paths, classes = dataset.paths(), dataset.column("class")
     status = labelset.status()
     candidates = [int(i) for i in (held_out(paths, config.val_permille).nonzero()[0])
                   if status[i] == ImageStatus.LABELED][:config.panels]
@@ -187,7 +187,7 @@ def write_panels(folder: Path, store: Store, labelset_id: str, images: Path,
     written = []
     for index in candidates:
         block = labelset.read_image(index)
-        name = dataset.class_names[dataset.manifest().label[index]]
+        name = dataset.class_names[classes[index]]
         png = render_panel(str(images / paths[index]), load_mask(images / paths[index]),
                            labelset.teacher, [("teacher top-1", block.classes[0, 0])],
                            title=f"{paths[index]} ({name}), held out")

@@ -9,10 +9,11 @@ goes on with the next batches.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,34 +89,37 @@ class LabelingReport:
             self.images_failed[ImageStatus(int(code))] += int(count)
 
 
-class ImageFileDataset(Dataset):
-    """Decodes manifest image i into uint8 [S, S, 3]; failures come back as a status and reason.
+ImageItem = tuple[int, str, bytes]  # (manifest index, relative path, registered raw sha256)
 
-    Holds paths and hashes only (cheap to send to DataLoader workers), never open zarr arrays.
+
+class ImageFileDataset(Dataset):
+    """Decodes an :data:`ImageItem` into uint8 [S, S, 3]; failures come back as a status and
+    reason.
+
+    Holds no manifest: each batch carries its images' paths and hashes, read shard by shard
+    (``shard_batches``), so neither a worker nor its decoding processes hold the paths of
+    shards they are not given (~1 GB for ImageNet-21k's).
     """
 
-    def __init__(self, root: Path, paths: Sequence[str], sha256: Sequence[str], size: int,
-                 interpolation: str, max_pixels: int):
-        self.root, self.paths, self.sha256 = Path(root), paths, sha256
+    def __init__(self, root: Path, size: int, interpolation: str, max_pixels: int):
+        self.root = Path(root)
         self.size, self.interpolation, self.max_pixels = size, interpolation, max_pixels
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray, int, str]:
-        path = self.root / self.paths[index]
+    def __getitem__(self, item: ImageItem) -> tuple[int, str, np.ndarray, int, str]:
+        index, name, sha256 = item
         try:
-            data = read_image_bytes(path, self.sha256[index])
-            pixels = decode_image(data, self.size, self.interpolation, self.max_pixels,
-                                  name=self.paths[index])
-            return index, pixels, int(ImageStatus.LABELED), ""
+            data = read_image_bytes(self.root / name, sha256)
+            pixels = decode_image(data, self.size, self.interpolation, self.max_pixels, name=name)
+            return index, name, pixels, int(ImageStatus.LABELED), ""
         except ImageRejected as e:
-            return index, np.zeros((self.size, self.size, 3), np.uint8), int(e.status), e.reason
+            return (index, name, np.zeros((self.size, self.size, 3), np.uint8), int(e.status),
+                    e.reason)
 
 
 @dataclass
 class DecodedBatch:
     indices: np.ndarray  # int64 [B] manifest indices
+    paths: list[str]  # their relative paths
     pixels: torch.Tensor  # uint8 [B, S, S, 3]
     status: np.ndarray  # int8 [B]
     reasons: list[str]
@@ -125,10 +129,11 @@ class DecodedBatch:
         return self
 
 
-def collate(items: list[tuple[int, np.ndarray, int, str]]) -> DecodedBatch:
-    indices, pixels, status, reasons = zip(*items, strict=True)
-    return DecodedBatch(np.asarray(indices, np.int64), torch.from_numpy(np.stack(pixels)),
-                        np.asarray(status, np.int8), list(reasons))
+def collate(items: list[tuple[int, str, np.ndarray, int, str]]) -> DecodedBatch:
+    indices, paths, pixels, status, reasons = zip(*items, strict=True)
+    return DecodedBatch(np.asarray(indices, np.int64), list(paths),
+                        torch.from_numpy(np.stack(pixels)), np.asarray(status, np.int8),
+                        list(reasons))
 
 
 def default_workers(device: torch.device) -> int:
@@ -138,14 +143,17 @@ def default_workers(device: torch.device) -> int:
     return min(8, max(1, cores - 1)) if device.type == "cuda" else max(1, cores // 4)
 
 
-def shard_batches(labelset: LabelSet, shards: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Index batches of at most ``batch_size``, each inside one shard, in shard order."""
-    batches = []
+def shard_batches(labelset: LabelSet, dataset: StoreDataset, shards: Sequence[int],
+                  batch_size: int) -> Iterator[list[ImageItem]]:
+    """Batches of at most ``batch_size`` images, each inside one shard, in shard order. Each
+    shard's paths and hashes are read from the store (one read per column) when the batches
+    reach it, so only the shards in flight are held."""
     for shard in shards:
         start, stop = labelset.shard_range(shard)
-        batches += [list(range(i, min(i + batch_size, stop))) for i in range(start, stop,
-                                                                            batch_size)]
-    return batches
+        paths, sha256 = dataset.paths(start, stop), dataset.sha256(start, stop)
+        for i in range(0, stop - start, batch_size):
+            rows = range(i, min(i + batch_size, stop - start))
+            yield [(start + r, paths[r], sha256[r].tobytes()) for r in rows]
 
 
 class ModelInput:
@@ -202,17 +210,15 @@ def decoded_source(dataset: StoreDataset, labelset: LabelSet, options: LabelingO
             labelset.teacher.interpolation, options.max_pixels)
 
 
-class BatchList(Sampler[list[int]]):
-    """A batch sampler whose batches are replaced before each pass over a DataLoader."""
+class BatchList(Sampler[list[ImageItem]]):
+    """A batch sampler whose batches are replaced before each pass over a DataLoader; the
+    loader draws them lazily, a few batches ahead of the teacher."""
 
     def __init__(self) -> None:
-        self.batches: list[list[int]] = []
+        self.batches: Iterable[list[ImageItem]] = ()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[ImageItem]]:
         return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 class ImageDecoder:
@@ -234,20 +240,20 @@ class ImageDecoder:
     @classmethod
     def for_labelset(cls, dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions,
                      device: torch.device) -> ImageDecoder:
-        manifest = dataset.manifest()
-        images = ImageFileDataset(Path(dataset.source_root), manifest.path, manifest.sha256,
-                                  labelset.teacher.input_size, labelset.teacher.interpolation,
-                                  options.max_pixels)
+        images = ImageFileDataset(Path(dataset.source_root), labelset.teacher.input_size,
+                                  labelset.teacher.interpolation, options.max_pixels)
         workers = (default_workers(device) if options.num_workers is None
                    else options.num_workers)
         return cls(images, workers, pin_memory=device.type == "cuda",
                    source=decoded_source(dataset, labelset, options))
 
-    def __call__(self, batches: list[list[int]]) -> Iterator[DecodedBatch]:
+    def __call__(self, batches: Iterable[list[ImageItem]]) -> Iterator[DecodedBatch]:
         """The decoded batches, in order. A pass left unfinished is dropped by the next one."""
-        self._batches.batches = batches
-        if not batches:
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
             return iter(())
+        self._batches.batches = itertools.chain([first], batches)
         if self._loader is None:
             self._loader = DataLoader(
                 self.images, batch_sampler=self._batches, num_workers=self.num_workers,
@@ -293,8 +299,7 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
         decoder = ImageDecoder.for_labelset(dataset, labelset, options, runner.device)
     elif decoder.source != decoded_source(dataset, labelset, options):
         raise ValueError(f"decoder was made for other images than {labelset.id}'s")
-    paths = decoder.images.paths
-    batches = shard_batches(labelset, shards, options.batch_size)
+    batches = shard_batches(labelset, dataset, shards, options.batch_size)
     total = sum(stop - start for start, stop in map(labelset.shard_range, shards))
     started = time.perf_counter()
 
@@ -324,7 +329,7 @@ def label_shards(labelset: LabelSet, dataset: StoreDataset, runner: TeacherRunne
             block.status[rows] = batch.status
             filled += len(rows)
             for i in np.flatnonzero(~ok)[:max(0, 100 - len(report.failures))]:
-                report.failures.append((str(paths[batch.indices[i]]), batch.reasons[i]))
+                report.failures.append((batch.paths[i], batch.reasons[i]))
             bar.update(len(rows))
 
             if filled == len(block):

@@ -40,7 +40,7 @@ def teacher_agreement(dataset: Dataset, labelset: LabelSet) -> dict[str, Any]:
     problem = label_space_problem(dataset, labelset.teacher)
     if problem is not None:
         return unavailable(f"not the dataset's label space: {problem}")
-    classes = dataset.manifest().label
+    classes = dataset.column("class")
     status = labelset.status()
     used = (status == ImageStatus.LABELED) & (classes >= 0)
     k = min(AGREEMENT_TOPK, labelset.topk)
@@ -211,7 +211,7 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
         top1 = block.top1_probability()
         for i in labeled:
             try:
-                mask = load_mask(masks_root / str(manifest.path[i]))
+                mask = load_mask(masks_root / manifest.path[i])
             except FileNotFoundError:
                 missing += 1
                 continue
@@ -223,7 +223,7 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
             predicted.append(block.classes[i - start])
             confidence.append(top1[i - start])
     if not rows:
-        example = mask_path(masks_root / str(manifest.path[0])) if len(manifest) else masks_root
+        example = mask_path(masks_root / manifest.path[0]) if len(manifest) else masks_root
         raise FileNotFoundError(f"no mask under {masks_root} for a labeled image of "
                                 f"{dataset.name!r} (expected e.g. {example})")
     rows_arr = np.asarray(rows)

@@ -91,8 +91,9 @@ def teacher_for(model: str, checkpoint: str, input_size: int, topk: int):
 
 @lru_cache(maxsize=8)
 def dataset_for(name: str):
-    """The dataset, its manifest read once per process and reused by every shard task (a name's
-    contents never change: registering changed contents under it is refused)."""
+    """The dataset, opened once per process and reused by every shard task (a name's contents
+    never change: registering changed contents under it is refused). Each shard task reads its
+    own rows of the manifest, never the whole."""
     return services()[1].dataset(name)
 
 

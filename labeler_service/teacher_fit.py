@@ -51,7 +51,7 @@ from labeler_service.teacher import (
     file_sha256,
     load_state_dict,
 )
-from storage import Store
+from storage import PathColumn, Store
 from storage.dataset import Dataset as StoreDataset
 from storage.images import (
     DEFAULT_MAX_PIXELS,
@@ -152,7 +152,7 @@ class FitImages(TorchDataset):
     ``labeler label`` gives it to the teacher.
     """
 
-    def __init__(self, root: Path, paths: Sequence[str], sha256: Sequence[str],
+    def __init__(self, root: Path, paths: PathColumn, sha256: np.ndarray,
                  labels: Sequence[int], size: int, interpolation: str, augment: bool,
                  crop_scale: tuple[float, float], max_pixels: int, zoom_out: float = 1.0,
                  zoom_out_p: float = 0.0):
@@ -170,7 +170,7 @@ class FitImages(TorchDataset):
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, int, str]:
         name = self.paths[i]
         try:
-            data = read_image_bytes(self.root / name, self.sha256[i])
+            data = read_image_bytes(self.root / name, self.sha256[i].tobytes())
             if not self.augment:
                 pixels = decode_image(data, self.size, self.interpolation, self.max_pixels, name)
                 return i, pixels, int(self.labels[i]), ""
@@ -229,9 +229,9 @@ def usable_split(dataset: StoreDataset, val_permille: int) -> Split:
     if len(classes) == 1:
         raise FitError(f"dataset {dataset.name!r} has one class ({classes[0]!r}): a classifier "
                        "needs at least two")
-    manifest = dataset.manifest()
-    rows = np.flatnonzero((manifest.label >= 0) & (manifest.width > 0))
-    labels = manifest.label[rows]
+    classes_of, widths = dataset.column("class"), dataset.column("width")
+    rows = np.flatnonzero((classes_of >= 0) & (widths > 0))
+    labels = classes_of[rows]
     held = dataset.held_out(val_permille)[rows]
     per_class = np.bincount(labels[~held], minlength=len(classes))
     if (per_class == 0).any():

@@ -1,4 +1,4 @@
-"""The tokenlabel store: image manifests and dense token labels in Zarr v3 (format v1)."""
+"""The tokenlabel store: image manifests and dense token labels in Zarr v3 (format v2)."""
 
 from storage.dataset import Dataset
 from storage.errors import (
@@ -16,7 +16,7 @@ from storage.labelset import (
     TeacherSpec,
     class_dtype,
 )
-from storage.manifest import IMAGE_SUFFIXES, Manifest, scan_image_folder
+from storage.manifest import IMAGE_SUFFIXES, Manifest, PathColumn, scan_image_folder
 from storage.status import ImageStatus
 from storage.store import FORMAT, FORMAT_VERSION, Store
 
@@ -34,6 +34,7 @@ __all__ = [
     "LabelSetConfig",
     "LabelSetMismatchError",
     "Manifest",
+    "PathColumn",
     "ShardUnreadable",
     "Store",
     "StoreError",

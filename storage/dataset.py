@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,17 +13,22 @@ from zarr.codecs import ZstdCodec
 
 from storage.errors import StoreError
 from storage.labelset import LabelSet, LabelSetConfig
-from storage.manifest import Manifest
+from storage.manifest import Manifest, PathColumn, manifest_fingerprint
 from storage.splits import split_bucket
 
 MANIFEST_CHUNK = 65536  # rows per manifest chunk: paths compress well and are read whole
-# Stored column name -> Manifest attribute ("class" is a Python keyword).
-MANIFEST_COLUMNS = {"path": "path", "sha256": "sha256", "width": "width", "height": "height",
-                    "class": "label"}
+PATH_BYTES_CHUNK = 1 << 22  # bytes per chunk of manifest/path_utf8
+# Manifest layouts (dataset attr ``manifest_version``, absent = 1): docs/store-format.md.
+# 1: path and sha256 as Zarr strings; 2: path as UTF-8 bytes + end offsets, sha256 as 32 bytes.
+MANIFEST_VERSION = 2
+NUMBER_COLUMNS = {"width": "width", "height": "height", "class": "label"}  # stored -> attribute
 
 
 class Dataset:
-    """``datasets/<name>/``: attrs, the ``manifest/`` columns and ``labels/<id>/`` label sets."""
+    """``datasets/<name>/``: attrs, the ``manifest/`` columns and ``labels/<id>/`` label sets.
+
+    Readers take the columns they need (``paths``, ``sha256``, ``column``), for the rows they
+    need: a labeling worker reads its shards' rows, the trainer no hashes."""
 
     def __init__(self, group: zarr.Group, code_version: str):
         self.group = group
@@ -35,24 +41,24 @@ class Dataset:
         self.fingerprint: str = self.attrs["fingerprint"]
         self.class_names: tuple[str, ...] = tuple(self.attrs["class_names"])
         self.source_root: str = self.attrs["source_root"]
+        self.manifest_version: int = self.attrs.get("manifest_version", 1)
+        if self.manifest_version not in (1, MANIFEST_VERSION):
+            raise StoreError(f"dataset {self.name!r} has manifest version "
+                             f"{self.manifest_version}; this code reads 1 and {MANIFEST_VERSION}")
         self.code_version = code_version
-        self._manifest: Manifest | None = None
 
     @classmethod
     def write(cls, group: zarr.Group, name: str, manifest: Manifest, source_root: str,
               code_version: str) -> Dataset:
         """Write the manifest columns, then the attrs; attrs present means registration finished."""
-        n = len(manifest)
         columns = group.require_group("manifest")
-        for stored, attr in MANIFEST_COLUMNS.items():
-            values = getattr(manifest, attr)
-            dtype = str if values.dtype.kind in "UTO" else values.dtype
-            arr = columns.create_array(stored, shape=(n,), dtype=dtype,
-                                       chunks=(max(1, min(n, MANIFEST_CHUNK)),),
-                                       compressors=(ZstdCodec(level=5),), overwrite=True)
-            if n:
-                arr[:] = values
-        write_split_buckets(columns, manifest.path)
+        n = len(manifest)
+        write_column(columns, "path_utf8", manifest.path.data, chunk=PATH_BYTES_CHUNK)
+        write_column(columns, "path_end", manifest.path.ends)
+        write_column(columns, "sha256", manifest.sha256)
+        for stored, attr in NUMBER_COLUMNS.items():
+            write_column(columns, stored, getattr(manifest, attr))
+        write_column(columns, "bucket", split_bucket(manifest.path).astype(np.int16))
         group.require_group("labels")
         group.update_attributes({  # one write: MutableMapping.update would write per key
             "kind": "dataset",
@@ -61,33 +67,81 @@ class Dataset:
             "fingerprint": manifest.fingerprint(),
             "class_names": list(manifest.class_names),
             "source_root": source_root,
+            "manifest_version": MANIFEST_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "code_version": code_version,
         })
         return cls(group, code_version)
 
-    def manifest(self) -> Manifest:
-        if self._manifest is None:
-            columns = self.group["manifest"]
-            values = {attr: np.asarray(columns[stored][:]) for stored, attr
-                      in MANIFEST_COLUMNS.items()}
-            for attr in ("path", "sha256"):
-                values[attr] = np.array(values[attr].tolist(), dtype=str)
-            self._manifest = Manifest(**values, class_names=self.class_names)
-        return self._manifest
+    @property
+    def _columns(self) -> zarr.Group:
+        return self.group["manifest"]
+
+    def _rows(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.num_images if stop is None else stop
+        if not 0 <= start <= stop <= self.num_images:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_images})")
+        return start, stop
+
+    def paths(self, start: int = 0, stop: int | None = None) -> PathColumn:
+        """The relative paths of rows [start, stop): two reads (offsets, then their bytes)."""
+        start, stop = self._rows(start, stop)
+        columns = self._columns
+        if self.manifest_version == 1:
+            return PathColumn.from_strings(columns["path"][start:stop].tolist())
+        if start == stop:
+            return PathColumn(np.zeros(0, np.uint8), np.zeros(0, np.int64))
+        ends = np.asarray(columns["path_end"][max(0, start - 1):stop], dtype=np.int64)
+        low = int(ends[0]) if start else 0
+        ends = ends[1:] if start else ends
+        data = np.asarray(columns["path_utf8"][low:int(ends[-1])], dtype=np.uint8)
+        return PathColumn(data, ends - low)
+
+    def sha256(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The registered raw sha256 digests of rows [start, stop): uint8 [n, 32]."""
+        start, stop = self._rows(start, stop)
+        values = self._columns["sha256"][start:stop]
+        if self.manifest_version == 1:
+            return np.frombuffer(bytes.fromhex("".join(values.tolist())),
+                                 np.uint8).reshape(-1, 32)
+        return np.asarray(values, dtype=np.uint8)
+
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A number column (``width``, ``height``, ``class``) of rows [start, stop), int32."""
+        if name not in NUMBER_COLUMNS:
+            raise KeyError(f"no manifest column {name!r}; number columns: "
+                           f"{', '.join(NUMBER_COLUMNS)}")
+        start, stop = self._rows(start, stop)
+        return np.asarray(self._columns[name][start:stop], dtype=np.int32)
+
+    def manifest(self, start: int = 0, stop: int | None = None) -> Manifest:
+        """Every column of rows [start, stop) (default: the whole manifest)."""
+        return Manifest(self.paths(start, stop), self.sha256(start, stop),
+                        width=self.column("width", start, stop),
+                        height=self.column("height", start, stop),
+                        label=self.column("class", start, stop), class_names=self.class_names)
+
+    def manifest_chunks(self, rows: int = MANIFEST_CHUNK * 16) -> Iterator[Manifest]:
+        """The whole manifest as consecutive chunks of ``rows`` rows: bounded memory."""
+        for start in range(0, self.num_images, rows):
+            yield self.manifest(start, min(start + rows, self.num_images))
+
+    def computed_fingerprint(self) -> str:
+        """The fingerprint of the stored manifest, computed chunk by chunk (``verify``)."""
+        return manifest_fingerprint(self.class_names, self.manifest_chunks())
 
     def split_buckets(self) -> np.ndarray:
-        """Every image's held-out bucket (``storage.splits.split_bucket``, 0..999), int16:
+        """Every image's held-out bucket (``storage.splits.split_bucket``, 0..999), int64:
         stored at registration (``manifest/bucket``), so no reader hashes millions of paths at
         start; computed (and stored, where the store is writable) for datasets registered
         before it was."""
-        columns = self.group["manifest"]
+        columns = self._columns
         if "bucket" in columns.array_keys():
             return np.asarray(columns["bucket"][:], dtype=np.int64)
-        buckets = split_bucket(self.manifest().path)
+        buckets = split_bucket(self.paths())
         with contextlib.suppress(Exception):  # a read-only store: computed every time
-            write_split_buckets(zarr.open_group(store=columns.store, path=columns.path,
-                                                mode="r+"), self.manifest().path, buckets)
+            write_column(zarr.open_group(store=columns.store, path=columns.path, mode="r+"),
+                         "bucket", buckets.astype(np.int16))
         return buckets
 
     def held_out(self, permille: int) -> np.ndarray:
@@ -95,21 +149,16 @@ class Dataset:
         return self.split_buckets() < permille
 
     def image_path(self, index: int) -> str:
-        """One image's relative path, read alone (the API's single-image routes): the whole
-        manifest is tens of MB at ImageNet scale."""
+        """One image's relative path, read alone (the API's single-image routes)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} outside [0, {self.num_images})")
-        if self._manifest is not None:
-            return str(self._manifest.path[index])
-        return str(self.group["manifest"]["path"][index])
+        return self.paths(index, index + 1)[0]
 
-    def image_sha256(self, index: int) -> str:
-        """One image's registered sha256, read alone (as :meth:`image_path`)."""
+    def image_sha256(self, index: int) -> bytes:
+        """One image's registered raw sha256, read alone (as :meth:`image_path`)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} outside [0, {self.num_images})")
-        if self._manifest is not None:
-            return str(self._manifest.sha256[index])
-        return str(self.group["manifest"]["sha256"][index])
+        return self.sha256(index, index + 1)[0].tobytes()
 
     # -- label sets -------------------------------------------------------------------------
 
@@ -131,13 +180,14 @@ class Dataset:
                                self.code_version)
 
 
-def write_split_buckets(columns: zarr.Group, paths: np.ndarray,
-                        buckets: np.ndarray | None = None) -> None:
-    """The ``manifest/bucket`` column: each path's held-out bucket (0..999) as int16."""
-    buckets = split_bucket(paths) if buckets is None else buckets
-    n = len(paths)
-    arr = columns.create_array("bucket", shape=(n,), dtype=np.int16,
-                               chunks=(max(1, min(n, MANIFEST_CHUNK)),),
+def write_column(columns: zarr.Group, name: str, values: np.ndarray,
+                 chunk: int | None = None) -> zarr.Array:
+    """One manifest column, chunked along its first axis (``MANIFEST_CHUNK`` rows unless
+    given) and zstd-compressed, replacing any."""
+    n, chunk = len(values), MANIFEST_CHUNK if chunk is None else chunk
+    arr = columns.create_array(name, shape=values.shape, dtype=values.dtype,
+                               chunks=(max(1, min(n, chunk)), *values.shape[1:]),
                                compressors=(ZstdCodec(level=5),), overwrite=True)
     if n:
-        arr[:] = buckets.astype(np.int16)
+        arr[:] = values
+    return arr

@@ -39,15 +39,17 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-def read_image_bytes(path: Path, expected_sha256: str | None = None,
+def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
                      root: Path | str | None = None) -> bytes:
     """The bytes of image file ``path``, or :class:`ImageRejected` saying why not.
 
     Only a regular file is read, and opening never blocks: a FIFO, device or directory put where
     an image was is refused, not waited on. With ``root``, a path that resolves outside it (a
     symlink placed after registration) is refused: reads are confined when they happen, not
-    only when the folder was scanned.
+    only when the folder was scanned. ``expected_sha256`` is the raw digest the manifest holds.
     """
+    if isinstance(expected_sha256, str):  # a hex digest would never match: say so, loudly
+        raise TypeError("expected_sha256 is the raw 32-byte digest, not its hex")
     if root is not None:
         real, limit = os.path.realpath(path), os.path.realpath(root)
         if os.path.commonpath([real, limit]) != limit:
@@ -69,7 +71,7 @@ def read_image_bytes(path: Path, expected_sha256: str | None = None,
         os.close(fd)
     if not data:
         raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+    if expected_sha256 is not None and hashlib.sha256(data).digest() != expected_sha256:
         raise ImageRejected(ImageStatus.CHANGED_FILE,
                             f"{path}: contents differ from the registered manifest")
     return data

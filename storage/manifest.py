@@ -12,12 +12,13 @@ import itertools
 import os
 import stat
 import warnings
+from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import numpy as np
 from PIL import Image, TiffImagePlugin
@@ -35,12 +36,94 @@ _TIFF_WIDTH, _TIFF_HEIGHT = 256, 257  # ImageWidth, ImageLength tags
 Progress = Callable[[int, int | None], None]
 
 
+class PathColumn:
+    """Relative paths held compactly: their UTF-8 bytes end to end (``data``) and where each one
+    ends (``ends``, int64). About len + 8 bytes a path, where a numpy unicode array takes 4 bytes
+    a character of the longest path and a Python str ~80 bytes: 14.2M ImageNet-21k paths fit in
+    ~0.5 GB. Indexing with an int gives a str; with a slice, an index array or a mask, another
+    column (gathered without a Python loop)."""
+
+    __slots__ = ("data", "ends")
+
+    def __init__(self, data: np.ndarray, ends: np.ndarray):
+        self.data = np.asarray(data, dtype=np.uint8)
+        self.ends = np.asarray(ends, dtype=np.int64)
+
+    @classmethod
+    def from_strings(cls, paths: Iterable[str]) -> PathColumn:
+        """Streams ``paths`` in: never holds them all as Python objects."""
+        data, ends, total = bytearray(), array("q"), 0
+        for path in paths:
+            encoded = path.encode()
+            data += encoded
+            total += len(encoded)
+            ends.append(total)
+        # frombuffer shares the buffers: no copy of the largest part of a manifest
+        return cls(np.frombuffer(data, np.uint8), np.frombuffer(ends, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.ends.nbytes
+
+    def starts(self) -> np.ndarray:
+        return np.concatenate([np.zeros(min(1, len(self)), np.int64), self.ends[:-1]])
+
+    @overload
+    def __getitem__(self, key: int | np.integer) -> str: ...
+
+    @overload
+    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> PathColumn: ...
+
+    def __getitem__(self, key: int | np.integer | slice | np.ndarray | Sequence[int]
+                    ) -> str | PathColumn:
+        if isinstance(key, int | np.integer):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"path {int(key)} outside [0, {len(self)})")
+            start = int(self.ends[i - 1]) if i else 0
+            return self.data[start:int(self.ends[i])].tobytes().decode()
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self.take(np.arange(start, stop, step))
+            stop = max(start, stop)
+            low = int(self.ends[start - 1]) if start else 0
+            high = int(self.ends[stop - 1]) if stop > start else low
+            return PathColumn(self.data[low:high], self.ends[start:stop] - low)
+        return self.take(np.asarray(key))
+
+    def take(self, rows: np.ndarray) -> PathColumn:
+        """The paths at ``rows`` (indices, or a boolean mask), in that order."""
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        starts = self.starts()[rows]
+        lengths = self.ends[rows] - starts
+        ends = np.cumsum(lengths)
+        gather = np.repeat(starts - (ends - lengths), lengths) + np.arange(
+            int(ends[-1]) if len(ends) else 0)
+        return PathColumn(self.data[gather], ends)
+
+    def __iter__(self) -> Iterator[str]:
+        data, start = self.data.tobytes(), 0
+        for end in self.ends.tolist():
+            yield data[start:end].decode()
+            start = end
+
+    def tolist(self) -> list[str]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"PathColumn({len(self)} paths, {self.nbytes} bytes)"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Columns of a dataset's manifest. ``label`` is the class index (stored as ``class``)."""
 
-    path: np.ndarray  # str, relative to the dataset's source root, '/'-separated
-    sha256: np.ndarray  # str, hex digest of the file's bytes
+    path: PathColumn  # relative to the dataset's source root, '/'-separated
+    sha256: np.ndarray  # uint8 [N, 32], the raw digest of the file's bytes
     width: np.ndarray  # int32, after EXIF orientation; -1 when unreadable
     height: np.ndarray  # int32, after EXIF orientation; -1 when unreadable
     label: np.ndarray  # int32 class index; -1 when unknown
@@ -49,17 +132,22 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.path)
 
+    def rows(self, start: int, stop: int) -> Manifest:
+        return Manifest(self.path[start:stop], self.sha256[start:stop], self.width[start:stop],
+                        self.height[start:stop], self.label[start:stop], self.class_names)
+
+    def sha256_hex(self, index: int) -> str:
+        return self.sha256[index].tobytes().hex()
+
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(("\x1f".join(self.class_names) + "\x1e").encode())
-        for row in zip(self.path, self.sha256, self.width, self.height, self.label, strict=True):
-            digest.update(("\x1f".join(str(v) for v in row) + "\x1e").encode())
-        return digest.hexdigest()
+        return manifest_fingerprint(self.class_names, [self])
 
     def diff(self, other: Manifest) -> str:
         """A one-line account of how ``other`` differs from this manifest."""
-        mine = dict(zip(self.path, self.sha256, strict=True))
-        theirs = dict(zip(other.path, other.sha256, strict=True))
+        def by_path(m: Manifest) -> dict[str, bytes]:
+            return dict(zip(m.path, (row.tobytes() for row in m.sha256), strict=True))
+
+        mine, theirs = by_path(self), by_path(other)
         added = len(theirs.keys() - mine.keys())
         removed = len(mine.keys() - theirs.keys())
         modified = sum(1 for p in mine.keys() & theirs.keys() if mine[p] != theirs[p])
@@ -67,6 +155,20 @@ class Manifest:
         if self.class_names != other.class_names:
             parts.append("class list changed")
         return ", ".join(parts)
+
+
+def manifest_fingerprint(class_names: Sequence[str], chunks: Iterable[Manifest]) -> str:
+    """The dataset fingerprint (docs/store-format.md) over a manifest given in consecutive row
+    chunks, so a reader never holds more than one chunk's text."""
+    digest = hashlib.sha256()
+    digest.update(("\x1f".join(class_names) + "\x1e").encode())
+    for chunk in chunks:
+        hexes = chunk.sha256.tobytes().hex()
+        rows = zip(chunk.path, range(0, len(hexes), 64), chunk.width.tolist(),
+                   chunk.height.tolist(), chunk.label.tolist(), strict=True)
+        digest.update("".join(f"{p}\x1f{hexes[i:i + 64]}\x1f{w}\x1f{h}\x1f{c}\x1e"
+                              for p, i, w, h, c in rows).encode())
+    return digest.hexdigest()
 
 
 def is_image_path(name: str) -> bool:
@@ -89,49 +191,88 @@ def _is_regular_file(path: str) -> bool:
         raise
 
 
+@dataclass(frozen=True)
+class ImageListing:
+    """The image files under a folder, sorted, with each one's first-level directory."""
+
+    paths: PathColumn
+    top_dir: np.ndarray  # int32 index into top_dirs; -1 for a file directly in the folder
+    top_dirs: tuple[str, ...]  # first-level directories holding images, in listing order
+
+    def classes(self) -> tuple[tuple[str, ...], np.ndarray]:
+        """(class names, each image's class): the sorted first-level directory names when every
+        image sits below one (the torchvision ImageFolder layout), else ((), all -1)."""
+        if not len(self.paths) or (self.top_dir < 0).any():
+            return (), np.full(len(self.paths), -1, np.int32)
+        names = tuple(sorted(self.top_dirs))
+        rank = np.argsort(np.argsort(np.array(self.top_dirs, dtype=object)))  # listing -> sorted
+        return names, rank.astype(np.int32)[self.top_dir]
+
+
 def list_image_files(root: Path, confine_to: str | Path | None = None,
-                     progress: Progress | None = None) -> list[str]:
-    """Every file under ``root`` with an image suffix, as sorted '/'-separated relative paths.
+                     progress: Progress | None = None) -> ImageListing:
+    """Every file under ``root`` with an image suffix, sorted by '/'-separated relative path.
 
-    Dangling symlinks are not files and are skipped; a file that cannot be looked at raises.
-    With ``confine_to``, a file that resolves (through a symlink) outside that directory is
-    refused: the service reads only its data root.
-    A directory that cannot be listed (permissions, I/O error) raises its ``OSError``: skipping
-    it would register a dataset silently missing its images. ``progress(0, None)`` is called
-    once per directory listed.
+    The tree is walked in that order (within a directory, a subdirectory ``d`` sorts as
+    ``d/``), so the listing streams into a compact :class:`PathColumn` and is never held as
+    millions of Python strings. Hidden files and directories are skipped, and so are symlinks
+    to directories (never followed) and dangling symlinks; a file that cannot be looked at
+    raises. With ``confine_to``, a file that resolves (through a symlink) outside that directory
+    is refused: the service reads only its data root. A directory that cannot be listed
+    (permissions, I/O error) raises its ``OSError``: skipping it would register a dataset
+    silently missing its images. ``progress(0, None)`` is called once per directory listed.
     """
-    found = []
     limit = Path(confine_to).resolve() if confine_to is not None else None
+    top_dirs: list[str] = []
+    top_dir = array("i")
 
-    def unreadable(error: OSError) -> None:
-        raise error
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
+    def walk(directory: str, rel: str, top: int) -> Iterator[str]:
         if progress is not None:
             progress(0, None)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if not is_image_path(name) or name.startswith("."):
-                continue
-            full = os.path.join(dirpath, name)
-            if not _is_regular_file(full):  # a dangling symlink, a socket, ...
-                continue
-            rel = (name if rel_dir == "." else f"{rel_dir}/{name}").replace(os.sep, "/")
-            if limit is not None and not Path(os.path.realpath(full)).is_relative_to(limit):
-                raise FileOutsideRoot(f"{rel}: a symlink to a file outside the data root")
-            found.append(rel)
-    return sorted(found)
+        with os.scandir(directory) as listing:
+            entries = sorted(((e.name + "/" if _is_walked_dir(e) else e.name, e)
+                              for e in listing if not e.name.startswith(".")),
+                             key=lambda pair: pair[0])
+        for key, entry in entries:
+            name = f"{rel}{entry.name}"
+            if key.endswith("/"):
+                if top < 0 and not rel:
+                    top_dirs.append(entry.name)
+                    below = walk(entry.path, f"{name}/", len(top_dirs) - 1)
+                else:
+                    below = walk(entry.path, f"{name}/", top)
+                yield from below
+            elif is_image_path(entry.name) and _is_regular_file(entry.path):
+                if limit is not None and not Path(os.path.realpath(entry.path)).is_relative_to(
+                        limit):
+                    raise FileOutsideRoot(f"{name}: a symlink to a file outside the data root")
+                top_dir.append(top)
+                yield name
+
+    paths = PathColumn.from_strings(walk(os.fspath(root), "", -1))
+    used = sorted(set(top_dir))  # first-level directories without images are no classes
+    renumber = np.full(len(top_dirs) + 1, -1, np.int32)
+    renumber[[t for t in used if t >= 0]] = np.arange(sum(t >= 0 for t in used))
+    return ImageListing(paths, renumber[np.frombuffer(top_dir, np.int32)],
+                        tuple(top_dirs[t] for t in used if t >= 0))
 
 
-def probe_image(path: Path) -> tuple[str, int, int]:
-    """sha256 of the file and its (width, height) after EXIF orientation; -1 sizes if unreadable.
+def _is_walked_dir(entry: os.DirEntry) -> bool:
+    """A directory the walk descends into: not a symlink to one (as ``os.walk``)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def probe_image(path: Path) -> tuple[bytes, int, int]:
+    """Raw sha256 digest of the file and its (width, height) after EXIF orientation (-1: unread).
 
     Reads headers only, never pixels: a few-kB PNG can claim hundreds of megapixels. Callers that
     want Pillow's bomb and EXIF warnings silenced do so around the call (``scan_image_folder``).
     """
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).digest()
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -173,7 +314,9 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T],
 
 def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path | None = None,
                       progress: Progress | None = None) -> Manifest:
-    """Build the manifest of every image under ``root``.
+    """Build the manifest of every image under ``root`` (``list_image_files``), in memory
+    bounded by the result's compact columns (~70 bytes an image) plus a window of files in
+    flight.
 
     When every image sits below a first-level directory (the torchvision ImageFolder layout), the
     sorted first-level directory names are the class names and give each image its class.
@@ -185,9 +328,11 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
-    paths = list_image_files(root, confine_to, progress)
+    listing = list_image_files(root, confine_to, progress)
+    total = len(listing.paths)
     if progress is not None:
-        progress(0, len(paths))
+        progress(0, total)
+    digests, widths, heights = bytearray(), array("i"), array("i")
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
     # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
     # filter list, so entering it in each pool thread interleaves and can leave "ignore all
@@ -195,32 +340,26 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bomb and EXIF warnings: sizes come from the header
         pool = ThreadPoolExecutor(max_workers=max_workers)
-        probes = []
         try:
-            for probe in ordered_map(pool, lambda p: probe_image(root / p), paths,
-                                     window=SCAN_WINDOW_PER_WORKER * max_workers):
-                probes.append(probe)
+            for digest, width, height in ordered_map(
+                    pool, lambda p: probe_image(root / p), listing.paths,
+                    window=SCAN_WINDOW_PER_WORKER * max_workers):
+                digests += digest
+                widths.append(width)
+                heights.append(height)
                 if progress is not None:
-                    progress(len(probes), len(paths))
+                    progress(len(widths), total)
         finally:
             # On an error (an unreadable file, progress raising) drop the files not started yet
             # rather than hashing the rest of the tree before the error surfaces.
             pool.shutdown(wait=True, cancel_futures=True)
 
-    if paths and all("/" in p for p in paths):
-        top_dirs = [p.split("/", 1)[0] for p in paths]
-        class_names: tuple[str, ...] = tuple(sorted(set(top_dirs)))
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = [index[d] for d in top_dirs]
-    else:
-        class_names = ()
-        labels = [-1] * len(paths)
-
+    class_names, labels = listing.classes()
     return Manifest(
-        path=np.array(paths, dtype=str) if paths else np.array([], dtype=str),
-        sha256=np.array([p[0] for p in probes], dtype=str) if paths else np.array([], dtype=str),
-        width=np.array([p[1] for p in probes], dtype=np.int32),
-        height=np.array([p[2] for p in probes], dtype=np.int32),
-        label=np.array(labels, dtype=np.int32),
+        path=listing.paths,
+        sha256=np.frombuffer(digests, np.uint8).reshape(total, 32),  # shared, not copied
+        width=np.frombuffer(widths, np.int32),
+        height=np.frombuffer(heights, np.int32),
+        label=labels,
         class_names=class_names,
     )

@@ -19,7 +19,8 @@ from storage.labelset import LabelSet
 from storage.manifest import Manifest, Progress, scan_image_folder
 
 FORMAT = "tokenlabel-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # docs/store-format.md; 2: compact manifests (dataset manifest_version 2)
+READABLE_VERSIONS = (1, 2)  # a version-1 store's datasets keep their layout and stay readable
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -70,10 +71,15 @@ class Store:
             root.require_group("datasets")
         elif attrs.get("format") != FORMAT:
             raise StoreError(f"{location} is not a tokenlabel store (root attrs: {attrs})")
-        elif attrs.get("format_version") != FORMAT_VERSION:
+        elif attrs.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{location} has store format version {attrs.get('format_version')}; "
-                             f"this code reads version {FORMAT_VERSION}")
+                             f"this code reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         return cls(root, location)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.root.attrs["format_version"])
 
     def check_writable(self) -> None:
         """Write and delete a small probe object; StoreError saying so if the store refuses
@@ -128,6 +134,10 @@ class Store:
                     f"({existing.manifest().diff(manifest)}); labels would no longer match the "
                     f"images. Register the new contents under another name."
                 )
+        if self.format_version < FORMAT_VERSION:
+            # Before the first version-2 dataset is written: a reader of version 1 then refuses
+            # the store instead of misreading that dataset.
+            self.root.update_attributes({"format_version": FORMAT_VERSION})
         group = datasets.require_group(name)
         return Dataset.write(group, name, manifest, str(directory), self.code_version), True
 

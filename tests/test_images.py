@@ -127,7 +127,7 @@ def rejected(fn: Callable[[], object]) -> ImageRejected:
 def test_unreadable_data_is_rejected(tmp_path: Path, name: str, data: bytes):
     path = tmp_path / name
     path.write_bytes(data)
-    raw = read_image_bytes(path, hashlib.sha256(data).hexdigest())  # the bytes themselves are fine
+    raw = read_image_bytes(path, hashlib.sha256(data).digest())  # the bytes themselves are fine
     error = rejected(lambda: decode_image(raw, SIZE, name=name))
     assert error.status == ImageStatus.UNREADABLE
     assert name in error.reason
@@ -151,9 +151,9 @@ def test_missing_and_changed_files(tmp_path: Path):
     path = tmp_path / "a.png"
     data = encode(noise_rgb(), "PNG")
     path.write_bytes(data)
-    assert read_image_bytes(path, hashlib.sha256(data).hexdigest()) == data
+    assert read_image_bytes(path, hashlib.sha256(data).digest()) == data
     assert read_image_bytes(path) == data  # no hash to check against
-    changed = rejected(lambda: read_image_bytes(path, hashlib.sha256(b"other").hexdigest()))
+    changed = rejected(lambda: read_image_bytes(path, hashlib.sha256(b"other").digest()))
     assert changed.status == ImageStatus.CHANGED_FILE
     assert "a.png" in changed.reason
 
@@ -167,7 +167,7 @@ def test_a_fifo_in_place_of_an_image_is_refused_without_blocking(tmp_path: Path)
     fifo = tmp_path / "a.jpg"
     os.mkfifo(fifo)
     began = time.monotonic()
-    error = rejected(lambda: read_image_bytes(fifo, "0" * 64))
+    error = rejected(lambda: read_image_bytes(fifo, bytes(32)))
     assert error.status == ImageStatus.NOT_A_FILE and time.monotonic() - began < 1
 
 
@@ -389,7 +389,7 @@ def test_manifest_suffixes_and_sizes(tmp_path: Path):
     assert manifest.class_names == ()
     assert (manifest.label == -1).all()
     for path, digest in zip(manifest.path, manifest.sha256, strict=True):
-        assert digest == hashlib.sha256((root / path).read_bytes()).hexdigest()
+        assert digest.tobytes() == hashlib.sha256((root / path).read_bytes()).digest()
 
 
 def test_manifest_reads_headers_not_pixels(tmp_path: Path, load_calls: list):

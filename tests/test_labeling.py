@@ -184,6 +184,37 @@ def test_should_stop_ends_between_shards(store: Store, images: Path, checkpoint:
     assert labelset.pending_shards() == [2, 3, 4]
 
 
+def test_shard_tasks_read_only_their_shards_rows(
+        store: Store, images: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    """A worker holds the paths of the shards it is given, not the whole manifest (ImageNet-21k's
+    is ~1 GB of paths): each shard's rows are read when its batches are reached."""
+    from labeler_service.labeling import TeacherRunner, label_shards
+    from storage.dataset import Dataset
+
+    dataset, _ = store.add_dataset("toy", images)
+    report = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2, OPTIONS, part=(0, 5))
+    labelset = dataset.labelset(report.labelset_id)
+    reads: list[tuple[str, int, int | None]] = []
+    def recording(name: str):
+        read = getattr(Dataset, name)
+
+        def recorded(self, start=0, stop=None):
+            reads.append((name, start, stop))
+            return read(self, start, stop)
+        return recorded
+
+    for name in ("paths", "sha256", "manifest"):
+        monkeypatch.setattr(Dataset, name, recording(name))
+    teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "fp32")
+    label_shards(labelset, dataset, runner, [1, 3], dataclasses.replace(OPTIONS, batch_size=3),
+                 should_stop=lambda: labelset.pending_shards() == [2, 4])
+    # shards of 4: shard 1 is rows [4, 8), shard 3 rows [12, 16); nothing else was read
+    assert sorted(reads) == [("paths", 4, 8), ("paths", 12, 16),
+                             ("sha256", 4, 8), ("sha256", 12, 16)]
+    assert labelset.pending_shards() == [2, 4]
+
+
 def test_one_decoder_serves_many_calls_with_the_same_processes(
         store: Store, images: Path, checkpoint: Path, tmp_path: Path):
     """A worker keeps one decoder across its shard tasks: its processes outlive each call,

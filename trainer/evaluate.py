@@ -101,7 +101,7 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, normalize = load_checkpoint(checkpoint, device)
     ds = Store.open(store, mode="r").dataset(dataset)
-    root, paths = Path(ds.source_root), ds.manifest().path
+    root, paths = Path(ds.source_root), ds.paths()
     size = model.img_size
     pixels = []
     for p in paths:

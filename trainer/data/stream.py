@@ -105,7 +105,6 @@ class TokenLabelStream(IterableDataset):
         store = Store.open(config.store, mode="r")
         labelset = open_labelset(store, config.dataset, config.labelset)
         dataset = store.dataset(config.dataset)
-        manifest = dataset.manifest()
         status = labelset.status()
         in_split = dataset.held_out(config.val_permille)  # stored buckets: no hashing here
         if config.split == "train":
@@ -113,9 +112,10 @@ class TokenLabelStream(IterableDataset):
         usable = in_split & (status == ImageStatus.LABELED)
         self.skipped = int((in_split & (status != ImageStatus.LABELED)).sum())
         self.usable = usable
-        self.paths = manifest.path
-        self.sizes = np.stack([manifest.width, manifest.height], axis=1)
-        self.targets = manifest.label
+        # The columns it uses, compactly (no hashes): ~60 bytes an image, ~0.8 GB at 14.2M.
+        self.paths = dataset.paths()
+        self.sizes = np.stack([dataset.column("width"), dataset.column("height")], axis=1)
+        self.targets = dataset.column("class")
         self.source_root = Path(store.dataset(config.dataset).source_root)
         self.shard_size, self.num_shards = labelset.shard_size, labelset.num_shards
         self.grid = labelset.grid
