@@ -44,7 +44,7 @@ from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 1000
-SOURCES = 16  # distinct JPEGs the tree's hardlinks point to
+LINKS_PER_SOURCE = 60_000  # ext4 allows 65,000 hardlinks to one file
 
 
 # The child's own peak RSS, measured by a small launcher: a child forked from this process (torch
@@ -76,7 +76,7 @@ def labeler(*args: str) -> list[str]:
 
 
 def make_tree(root: Path, n: int) -> Path:
-    """n hardlinks, ImageNet's layout (``n{class:08d}/n{class:08d}_{i}.JPEG``), of SOURCES
+    """n hardlinks, ImageNet's layout (``n{class:08d}/n{class:08d}_{i}.JPEG``), of a few
     ImageNet-sized JPEGs (500x375, ~100 kB: smoothed noise)."""
     from PIL import Image, ImageFilter
 
@@ -85,7 +85,8 @@ def make_tree(root: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
     sources = root / "sources"
     sources.mkdir(parents=True, exist_ok=True)
-    for s in range(SOURCES):
+    sources_n = max(16, -(-n // LINKS_PER_SOURCE))
+    for s in range(sources_n):
         noise = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
         Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2)).save(
             sources / f"{s}.JPEG", quality=90)
@@ -94,7 +95,7 @@ def make_tree(root: Path, n: int) -> Path:
         (tree / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         c = i % CLASSES
-        os.link(sources / f"{i % SOURCES}.JPEG", tree / f"n{c:08d}" / f"n{c:08d}_{i}.JPEG")
+        os.link(sources / f"{i % sources_n}.JPEG", tree / f"n{c:08d}" / f"n{c:08d}_{i}.JPEG")
     (root / "done").touch()
     return tree
 
