@@ -16,7 +16,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,7 @@ def progress_in_store(labelset: LabelSet, retry_failed: bool = False) -> dict[st
     if summary is not None and not retry_failed:  # complete: no status read
         return {"images_total": labelset.num_images, "shards_total": labelset.num_shards,
                 "images_done": labelset.num_images, "images_failed": labelset.images_failed(),
-                "shards_done": list(range(labelset.num_shards))}
+                "shards_done": range(labelset.num_shards)}
     status = labelset.status()
     todo = set(labelset.pending_shards(status, retry_failed=retry_failed))
     done = np.ones(labelset.num_images, bool)
@@ -220,6 +220,8 @@ class JobStore:
         and return the shards still to label (none: the caller completes the job)."""
         progress = progress_in_store(labelset, retry_failed)
         self.start(job_id, labelset.id, **progress)
+        if len(progress["shards_done"]) == labelset.num_shards:
+            return []  # O(1) for a complete label set (ImageNet-21k: 13,868 shards)
         done = set(progress["shards_done"])
         return [s for s in range(labelset.num_shards) if s not in done]
 
@@ -265,7 +267,7 @@ class JobStore:
     # -- transitions --------------------------------------------------------------------------
 
     def start(self, job_id: str, labelset: str, images_total: int, shards_total: int,
-              images_done: int, images_failed: int, shards_done: list[int]) -> None:
+              images_done: int, images_failed: int, shards_done: Sequence[int]) -> None:
         """Planned: the label set is known and the shards already done in the store are counted."""
         self._set_progress(job_id, labelset, images_total, shards_total, images_done,
                            images_failed, shards_done, progressed_at=now())
@@ -275,11 +277,13 @@ class JobStore:
         self._update_record(job_id, labelset=labelset)
 
     def _set_progress(self, job_id: str, labelset: str, images_total: int, shards_total: int,
-                      images_done: int, images_failed: int, shards_done: list[int],
+                      images_done: int, images_failed: int, shards_done: Sequence[int],
                       **extra: Any) -> None:
         pipe = self.r.pipeline()
         pipe.delete(self.done_key(job_id))
-        if shards_done:
+        # The set counts each shard task's result once; a job with every shard done has no shard
+        # task to come, so it gets none (a complete ImageNet-21k job would add 13,868 members).
+        if shards_done and len(shards_done) < shards_total:
             pipe.sadd(self.done_key(job_id), *shards_done)
         pipe.hset(self.key(job_id), mapping={
             "labelset": labelset, "images_total": images_total, "shards_total": shards_total,

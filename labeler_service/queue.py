@@ -72,8 +72,10 @@ def enqueue_shard(job_id: str, shard: int) -> None:
                   queue=LABELING_QUEUE)
 
 
-def enqueue_registration(name: str, attempt: str) -> None:
-    app.send_task(REGISTER_TASK, args=(name, attempt), task_id=f"register:{name}:{attempt}",
+def enqueue_registration(name: str, attempt: str, part: int = 0) -> None:
+    """``part`` > 0: the scan's next task after ``part`` paused ones (one per time limit)."""
+    task_id = f"register:{name}:{attempt}" + (f":{part}" if part else "")
+    app.send_task(REGISTER_TASK, args=(name, attempt, part), task_id=task_id,
                   queue=REGISTRATION_QUEUE)
 
 

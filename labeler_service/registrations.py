@@ -30,7 +30,7 @@ from labeler_service import keys
 from labeler_service.keys import now
 from labeler_service.paths import PathOutsideRoot, is_kind, public_reason, resolve_inside
 from storage import Dataset, DatasetChangedError, Store, StoreError
-from storage.manifest import FileOutsideRoot
+from storage.manifest import FileOutsideRoot, ScanPaused
 
 STATES = ("registering", "ready", "failed")
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes (and heartbeats) to Redis
@@ -216,7 +216,7 @@ class Superseded(Exception):
 
 
 class ScanTooLong(Exception):
-    """The scan ran into its deadline, just below the task's hard time limit."""
+    """The folder could not even be listed (or no file hashed) before the task's deadline."""
 
 
 # Failures that registering again will not fix without a change to the folder or the request.
@@ -246,9 +246,12 @@ def run_registration(registrations: RegistrationStore, store: Store, data_root: 
                      clock=time.monotonic) -> str | None:
     """Scan and write one registration attempt (the body of ``labeler.register_dataset``).
 
-    Returns the state it ended in ("ready", "failed"), or None when there was nothing to do (the
-    record is gone, has another attempt or is no longer registering). A failure that registering
-    again cannot fix marks the registration failed with the reason; anything else (Redis or the
+    Returns the state it ended in ("ready", "failed"), "paused" when the scan reached the
+    deadline (0.9 x ``time_limit``) with files left to hash: the rows hashed so far are in the
+    store and the next task for this attempt goes on from them, so a folder of any size is
+    registered in as many tasks as it takes. None when there was nothing to do (the record is
+    gone, has another attempt or is no longer registering). A failure that registering again
+    cannot fix marks the registration failed with the reason; anything else (Redis or the
     filesystem briefly unreachable) propagates, for the task to retry.
     """
     registration = registrations.record(name)  # a task queued for long is late, not lost
@@ -261,16 +264,23 @@ def run_registration(registrations: RegistrationStore, store: Store, data_root: 
     began = clock()
     deadline = None if time_limit is None else began + max(1.0, time_limit * 0.9)
     last = began
+    resumed: int | None = None  # files hashed before this task (the first count after listing)
 
     def heartbeat(scanned: int, total: int | None) -> None:
-        nonlocal last
+        nonlocal last, resumed
+        if total is not None and resumed is None:
+            resumed = scanned
         t = clock()
         if deadline is not None and t > deadline:
+            if total is not None and resumed is not None and scanned > resumed:
+                registrations.progress(name, attempt, scanned, total)
+                raise ScanPaused(f"{scanned} of {total} files hashed")
             raise ScanTooLong(
-                f"the scan did not finish within {time_limit * 0.9:.0f} s ({scanned} of "
-                f"{total if total is not None else 'an unknown number of'} files hashed); "
-                "raise LABELER_VISIBILITY_TIMEOUT (and LABELER_TASK_TIME_LIMIT, if set) and "
-                "register it again")
+                f"the folder could not be listed and a file hashed within "
+                f"{time_limit * 0.9:.0f} s ({scanned} files hashed, of "
+                f"{total if total is not None else 'an unknown number'}); raise "
+                "LABELER_VISIBILITY_TIMEOUT (and LABELER_TASK_TIME_LIMIT, if set) and register "
+                "it again")
         last_file = total is not None and scanned == total
         if t - last < PROGRESS_INTERVAL and not last_file:
             return
@@ -285,9 +295,11 @@ def run_registration(registrations: RegistrationStore, store: Store, data_root: 
             raise NotADirectoryError(f"{registration.path!r} is not a directory under the data "
                                      "root")
         dataset, _ = store.add_dataset(name, directory, confine_to=data_root,
-                                       progress=heartbeat)
+                                       progress=heartbeat, resume_key=attempt)
     except Superseded:
         return None
+    except ScanPaused:
+        return "paused"
     except PERMANENT as e:
         registrations.finish(name, attempt, "failed", describe(e, data_root, store.location))
         return "failed"

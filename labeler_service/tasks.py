@@ -42,6 +42,7 @@ from labeler_service.queue import (
     SHARD_TASK,
     app,
     enqueue_plan,
+    enqueue_registration,
     enqueue_shard,
 )
 from labeler_service.settings import get_settings
@@ -328,11 +329,13 @@ def label_shard(self, job_id: str, shard: int) -> None:
 
 @app.task(bind=True, name=REGISTER_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
-def register_dataset(self, name: str, attempt: str) -> str | None:
+def register_dataset(self, name: str, attempt: str, part: int = 0) -> str | None:
     """Scan the folder of registration ``name`` (this ``attempt`` of it) and write the dataset.
 
-    Delivered again after a crash, it is harmless: ``add_dataset`` finds the dataset it wrote
-    (same contents: nothing to do) or rewrites one left half-written.
+    A scan that reaches the task's deadline pauses, its rows kept in the store, and queues the
+    next ``part``, which goes on from them. Delivered again after a crash, it is harmless:
+    ``add_dataset`` finds the dataset it wrote (same contents: nothing to do), rewrites one
+    left half-written, or goes on from the last pause.
     """
     from labeler_service.registrations import describe, run_registration
 
@@ -341,8 +344,11 @@ def register_dataset(self, name: str, attempt: str) -> str | None:
     registrations = registration_store()
     settings = get_settings()
     try:
-        return run_registration(registrations, store, settings.data_root, name, attempt,
-                                time_limit=settings.task_time_limit)
+        state = run_registration(registrations, store, settings.data_root, name, attempt,
+                                 time_limit=settings.task_time_limit)
+        if state == "paused":
+            enqueue_registration(name, attempt, part + 1)
+        return state
     except Exception as e:
         if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
             raise

@@ -128,7 +128,8 @@ class Dataset:
 
     def computed_fingerprint(self) -> str:
         """The fingerprint of the stored manifest, computed chunk by chunk (``verify``)."""
-        return manifest_fingerprint(self.class_names, self.manifest_chunks())
+        return manifest_fingerprint(self.class_names, (
+            part for chunk in self.manifest_chunks() for part in chunk.chunks()))
 
     def split_buckets(self) -> np.ndarray:
         """Every image's held-out bucket (``storage.splits.split_bucket``, 0..999), int64:

@@ -34,6 +34,7 @@ _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and
 _TIFF_WIDTH, _TIFF_HEIGHT = 256, 257  # ImageWidth, ImageLength tags
 # progress(files_scanned, files_total): total None while the tree is still being listed.
 Progress = Callable[[int, int | None], None]
+FINGERPRINT_ROWS = 65536  # rows whose text is made at once when computing a fingerprint
 
 
 class PathColumn:
@@ -139,8 +140,14 @@ class Manifest:
     def sha256_hex(self, index: int) -> str:
         return self.sha256[index].tobytes().hex()
 
+    def chunks(self, rows: int = FINGERPRINT_ROWS) -> Iterator[Manifest]:
+        """Consecutive row chunks of at most ``rows`` rows (views, not copies of the columns)."""
+        for start in range(0, len(self), rows):
+            yield self.rows(start, start + rows)
+
     def fingerprint(self) -> str:
-        return manifest_fingerprint(self.class_names, [self])
+        # In chunks: the text of 14.2M rows at once would take ~5 GB.
+        return manifest_fingerprint(self.class_names, self.chunks())
 
     def diff(self, other: Manifest) -> str:
         """A one-line account of how ``other`` differs from this manifest."""
@@ -207,6 +214,37 @@ class ImageListing:
         names = tuple(sorted(self.top_dirs))
         rank = np.argsort(np.argsort(np.array(self.top_dirs, dtype=object)))  # listing -> sorted
         return names, rank.astype(np.int32)[self.top_dir]
+
+    def digest(self) -> str:
+        """sha256 over the listed paths: two listings of one folder are the same files in the
+        same order exactly when their digests are equal."""
+        h = hashlib.sha256(self.paths.data.tobytes())
+        h.update(self.paths.ends.astype("<i8").tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class PartialScan:
+    """The first rows of an unfinished scan (sha256, width, height of rows [0, k)) and the
+    listing they belong to (:meth:`ImageListing.digest`). A scan given one goes on from row k
+    when the folder lists the same files, and starts over otherwise."""
+
+    listing: str
+    sha256: np.ndarray  # uint8 [k, 32]
+    width: np.ndarray  # int32 [k]
+    height: np.ndarray  # int32 [k]
+
+    def __len__(self) -> int:
+        return len(self.width)
+
+
+class ScanPaused(Exception):
+    """Raised by a scan's ``progress`` callback to stop a scan that is to go on later (a task
+    nearing its time limit); the scan raises it on with ``partial``, the rows hashed so far."""
+
+    def __init__(self, message: str = "scan paused"):
+        super().__init__(message)
+        self.partial: PartialScan | None = None
 
 
 def list_image_files(root: Path, confine_to: str | Path | None = None,
@@ -313,7 +351,8 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T],
 
 
 def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path | None = None,
-                      progress: Progress | None = None) -> Manifest:
+                      progress: Progress | None = None,
+                      resume: PartialScan | None = None) -> Manifest:
     """Build the manifest of every image under ``root`` (``list_image_files``), in memory
     bounded by the result's compact columns (~70 bytes an image) plus a window of files in
     flight.
@@ -323,16 +362,21 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
 
     ``progress(files_scanned, files_total)``, if given, is called from this thread: with a total
     of None while the tree is being listed (once per directory), then once per file hashed. It
-    may raise to abandon the scan (files being read finish, the rest are not started).
+    may raise to abandon the scan (files being read finish, the rest are not started); raising
+    :class:`ScanPaused` hands the rows hashed so far back on the exception, and a later scan
+    given them as ``resume`` hashes only the rest (a folder listing other files starts over).
     """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
     listing = list_image_files(root, confine_to, progress)
     total = len(listing.paths)
-    if progress is not None:
-        progress(0, total)
     digests, widths, heights = bytearray(), array("i"), array("i")
+    if resume is not None and len(resume) <= total and resume.listing == listing.digest():
+        digests += resume.sha256.tobytes()
+        widths.frombytes(resume.width.astype(np.int32).tobytes())
+        heights.frombytes(resume.height.astype(np.int32).tobytes())
+    resumed = len(widths)
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
     # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
     # filter list, so entering it in each pool thread interleaves and can leave "ignore all
@@ -341,14 +385,21 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
         warnings.simplefilter("ignore")  # bomb and EXIF warnings: sizes come from the header
         pool = ThreadPoolExecutor(max_workers=max_workers)
         try:
+            if progress is not None:
+                progress(resumed, total)
             for digest, width, height in ordered_map(
-                    pool, lambda p: probe_image(root / p), listing.paths,
+                    pool, lambda p: probe_image(root / p), listing.paths[resumed:],
                     window=SCAN_WINDOW_PER_WORKER * max_workers):
                 digests += digest
                 widths.append(width)
                 heights.append(height)
                 if progress is not None:
                     progress(len(widths), total)
+        except ScanPaused as paused:
+            paused.partial = PartialScan(
+                listing.digest(), np.frombuffer(bytes(digests), np.uint8).reshape(-1, 32),
+                np.array(widths, np.int32), np.array(heights, np.int32))
+            raise
         finally:
             # On an error (an unreadable file, progress raising) drop the files not started yet
             # rather than hashing the rest of the tree before the error surfaces.

@@ -9,17 +9,19 @@ import secrets
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from storage.dataset import Dataset
+from storage.dataset import Dataset, write_column
 from storage.errors import DatasetChangedError, StoreError
 from storage.labelset import LabelSet
-from storage.manifest import Manifest, Progress, scan_image_folder
+from storage.manifest import Manifest, PartialScan, Progress, ScanPaused, scan_image_folder
 
 FORMAT = "tokenlabel-store"
 FORMAT_VERSION = 2  # docs/store-format.md; 2: compact manifests (dataset manifest_version 2)
+SCAN_GROUP = "scan"  # datasets/<name>/scan/: a paused registration's rows (store-format.md)
 READABLE_VERSIONS = (1, 2)  # a version-1 store's datasets keep their layout and stay readable
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -105,8 +107,8 @@ class Store:
         return Dataset(datasets[name], self.code_version)
 
     def add_dataset(self, name: str, directory: str | Path, manifest: Manifest | None = None,
-                    confine_to: str | Path | None = None,
-                    progress: Progress | None = None) -> tuple[Dataset, bool]:
+                    confine_to: str | Path | None = None, progress: Progress | None = None,
+                    resume_key: str | None = None) -> tuple[Dataset, bool]:
         """Register the images under ``directory`` as dataset ``name``: scan, then write.
 
         The one registration path: ``labeler datasets add`` calls it in-process, the service's
@@ -117,11 +119,24 @@ class Store:
         directory whose contents changed is refused, so labels never mix two sets of images.
         Running it again after it was interrupted (a worker killed mid-write) rewrites the
         unfinished dataset: the attrs are written last and mark it complete.
+
+        ``resume_key``: a scan that ``progress`` pauses (raising ``ScanPaused``: a task nearing
+        its time limit) keeps the rows hashed so far in the unfinished dataset
+        (``datasets/<name>/scan/``), and the next call with the same key goes on from them (the
+        service's key is the registration attempt: a new attempt hashes every file again).
         """
         check_name(name)
         directory = Path(directory).resolve()
         if manifest is None:
-            manifest = scan_image_folder(directory, confine_to=confine_to, progress=progress)
+            resume = self.partial_scan(name, resume_key) if resume_key else None
+            try:
+                manifest = scan_image_folder(directory, confine_to=confine_to,
+                                             progress=progress, resume=resume)
+            except ScanPaused as paused:
+                if resume_key and paused.partial is not None and \
+                        len(paused.partial) > len(resume or ()):
+                    self._keep_partial_scan(name, paused.partial, resume_key)
+                raise
         datasets = self.root["datasets"]
         if name in datasets.group_keys():
             group = datasets[name]
@@ -139,7 +154,38 @@ class Store:
             # the store instead of misreading that dataset.
             self.root.update_attributes({"format_version": FORMAT_VERSION})
         group = datasets.require_group(name)
+        if SCAN_GROUP in group.group_keys():
+            del group[SCAN_GROUP]  # before the attrs: a complete dataset has no partial scan
         return Dataset.write(group, name, manifest, str(directory), self.code_version), True
+
+    def partial_scan(self, name: str, key: str) -> PartialScan | None:
+        """The rows a paused registration of ``name`` kept under ``key``, if any."""
+        try:
+            group = self.root[f"datasets/{name}"]
+            if "fingerprint" in group.attrs or SCAN_GROUP not in group.group_keys():
+                return None
+            scan = group[SCAN_GROUP]
+            rows, listing = scan.attrs.get("rows"), scan.attrs.get("listing")
+            if scan.attrs.get("key") != key or not isinstance(rows, int) or \
+                    not isinstance(listing, str):
+                return None  # a pause that did not finish writing: start over
+            columns = {column: scan[column][:rows] for column in ("sha256", "width", "height")}
+        except (KeyError, ValueError, OSError):
+            return None
+        if any(len(column) != rows for column in columns.values()):
+            return None
+        return PartialScan(listing, columns["sha256"].astype(np.uint8),
+                           columns["width"].astype(np.int32), columns["height"].astype(np.int32))
+
+    def _keep_partial_scan(self, name: str, partial: PartialScan, key: str) -> None:
+        group = self.root["datasets"].require_group(name)  # no attrs: an unfinished dataset
+        if "fingerprint" in group.attrs:
+            return
+        scan = group.require_group(SCAN_GROUP)
+        scan.update_attributes({"rows": None, "listing": None, "key": None})  # until rewritten
+        for column in ("sha256", "width", "height"):
+            write_column(scan, column, getattr(partial, column))
+        scan.update_attributes({"rows": len(partial), "listing": partial.listing, "key": key})
 
     # -- label sets -------------------------------------------------------------------------
 

@@ -181,3 +181,60 @@ def test_verify_finds_a_manifest_that_no_longer_matches_its_fingerprint(tmp_path
     sha[7] = row
     report = verify_store(Store.open(tmp_path / "store"))
     assert any("fingerprint does not match" in p for p in report.problems), report.problems
+
+
+def test_a_paused_scan_goes_on_from_its_kept_rows(tmp_path: Path, images: Path, monkeypatch):
+    """A registration task near its time limit pauses the scan (its progress callback raises
+    ScanPaused); the rows hashed so far are kept in the store, and the next call with the same
+    key hashes only the rest, to the same dataset an uninterrupted scan writes."""
+    from storage import manifest as manifest_module
+    from storage.manifest import ScanPaused
+
+    probed: list[str] = []
+    probe = manifest_module.probe_image
+
+    def counted(path: Path):
+        probed.append(path.name)
+        return probe(path)
+
+    monkeypatch.setattr(manifest_module, "probe_image", counted)
+
+    def pause_at(count: int):
+        def progress(scanned: int, total: int | None) -> None:
+            if total is not None and scanned >= count:
+                raise ScanPaused(f"{scanned} of {total}")
+        return progress
+
+    clean, _ = Store.open(tmp_path / "clean").add_dataset("toy", images)
+    store = Store.open(tmp_path / "store")
+    total = clean.num_images
+    for reached in (5, 11):
+        probed.clear()
+        with pytest.raises(ScanPaused):
+            store.add_dataset("toy", images, progress=pause_at(reached), resume_key="attempt-1")
+        assert len(store.partial_scan("toy", "attempt-1")) == reached
+        with pytest.raises(StoreError, match="incomplete"):
+            store.dataset("toy")  # an unfinished registration, as before
+    assert store.partial_scan("toy", "another attempt") is None
+
+    probed.clear()
+    dataset, created = store.add_dataset("toy", images, resume_key="attempt-1")
+    assert created and len(probed) == total - 11
+    assert dataset.fingerprint == clean.fingerprint
+    np.testing.assert_array_equal(dataset.sha256(), clean.sha256())
+    assert "scan" not in dataset.group.group_keys() and verify_store(store).ok
+
+    # Another key, or a folder that lists other files since, hashes everything again.
+    other = Store.open(tmp_path / "other")
+    with pytest.raises(ScanPaused):
+        other.add_dataset("toy", images, progress=pause_at(5), resume_key="a")
+    probed.clear()
+    other.add_dataset("toy", images, resume_key="b")
+    assert len(probed) == total
+    third = Store.open(tmp_path / "third")
+    with pytest.raises(ScanPaused):
+        third.add_dataset("toy", images, progress=pause_at(5), resume_key="a")
+    (images / "squares" / "extra.png").write_bytes((images / "squares" / "0000.jpg").read_bytes())
+    probed.clear()
+    grown, _ = third.add_dataset("toy", images, resume_key="a")
+    assert len(probed) == total + 1 == grown.num_images

@@ -590,6 +590,33 @@ def test_a_scan_past_its_deadline_fails_with_advice(client: TestClient):
     assert register(client).json()["state"] == "ready"
 
 
+def test_a_scan_longer_than_one_task_goes_on_in_the_next(client: TestClient,
+                                                          clean_redis: redis.Redis, root: Path):
+    """Each task pauses at its deadline with the rows hashed so far kept in the store; the next
+    task for the attempt goes on from them, so no folder is too big for one time limit."""
+    assert client.post("/v1/datasets", json=DATASET).status_code == 202
+    state = client.app.state
+    attempt = state.registrations.get("toy").attempt
+    states, scanned = [], []
+    while not states or states[-1] == "paused":
+        ticks = iter(range(10**6))  # each look at the clock 1 s later; the deadline at 9 s
+        states.append(run_registration(state.registrations, state.store,
+                                       state.settings.data_root, "toy", attempt, time_limit=10,
+                                       clock=ticks.__next__))
+        record = registration_record(clean_redis, "toy")
+        scanned.append(int(record["files_scanned"]))
+        if states[-1] == "paused":
+            assert record["state"] == "registering" and record["attempt"] == attempt
+            assert len(state.store.partial_scan("toy", attempt)) == scanned[-1]
+    assert len(states) >= 3 and states[-1] == "ready" and set(states[:-1]) == {"paused"}
+    assert scanned == sorted(scanned) and len(set(scanned)) == len(scanned)  # each went on
+    dataset = client.get("/v1/datasets/toy").json()
+    assert dataset["state"] == "ready" and dataset["num_images"] == 12
+    direct, _ = Store.open(root / "direct").add_dataset("toy", state.store.dataset(
+        "toy").source_root)
+    assert state.store.dataset("toy").fingerprint == direct.fingerprint
+
+
 def test_a_folder_gone_before_the_scan_fails(client: TestClient, root: Path):
     folder = make_sample_images(root / "data" / "brief", per_class=1)
     assert client.post("/v1/datasets", json={"name": "brief", "path": "brief"}).status_code == 202
