@@ -55,6 +55,7 @@ began = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:])
 _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"seconds": time.perf_counter() - began, "peak_rss_mb": usage.ru_maxrss / 1024,
+                  "cpu_s": usage.ru_utime + usage.ru_stime,
                   "status": os.waitstatus_to_exitcode(status)}), file=sys.stderr)
 """
 
@@ -68,7 +69,7 @@ def measured(argv: list[str]) -> dict:
     if figures["status"]:
         raise RuntimeError(f"{argv[:4]} failed ({figures['status']}): {chr(10).join(err)[-2000:]}")
     return {"seconds": figures["seconds"], "peak_rss_mb": figures["peak_rss_mb"],
-            "stdout": proc.stdout}
+            "cpu_s": figures["cpu_s"], "stdout": proc.stdout}
 
 
 def labeler(*args: str) -> list[str]:
@@ -247,7 +248,8 @@ def run(args) -> dict:
             out["tree_s"] = time.perf_counter() - began
             add = measured(labeler("datasets", "add", "bench", str(tree), "--store",
                                    str(location)))
-            out["register"] = {"seconds": add["seconds"], "peak_rss_mb": add["peak_rss_mb"]}
+            out["register"] = {"seconds": add["seconds"], "peak_rss_mb": add["peak_rss_mb"],
+                               "cpu_s": add["cpu_s"]}
         print("registered", out["register"], flush=True)
         store = Store.open(location)
         dataset = store.dataset("bench")
