@@ -55,6 +55,13 @@ if total >= 0 and done >= total and redis.call('HGET', KEYS[1], 'state') == 'run
 end
 return added
 """
+# A recovered job's record, written whole only if no record has its id yet (HSETNX and HSET in one
+# step: a reader between the two would see a record holding nothing but its id). 1 if written.
+_RECOVER = """
+if redis.call('HSETNX', KEYS[1], 'id', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
 # Note that a job's plan was sent, on the job's own record only (never creating a stub of one).
 _MARK_ENQUEUED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -184,6 +191,7 @@ class JobStore:
         self._shard_done = client.register_script(_SHARD_DONE)
         self._finish = client.register_script(_FINISH)
         self._mark_enqueued = client.register_script(_MARK_ENQUEUED)
+        self._recover = client.register_script(_RECOVER)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -227,8 +235,10 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         h = self.r.hgetall(self.key(job_id))
-        if h:
+        if h.get("id"):
             return Job.from_hash(h)
+        # None, or fields without an id: a progress write that landed just after Redis lost the
+        # record. Either way the store has the job; recovering it writes the record whole.
         return self.recover(job_id)
 
     def page(self, page_size: int, token: str | None) -> tuple[list[Job], str]:
@@ -358,10 +368,10 @@ class JobStore:
                    "error": job.error or "", "finished_at": job.finished_at or "",
                    "agreement": json.dumps(job.agreement) if job.agreement else "",
                    "progressed_at": now()}
-        # HSETNX on the id: two recoverers racing create one record and plan once.
-        if not self.r.hsetnx(self.key(job_id), "id", job_id):
+        # Written only if no record has the id: two recoverers racing create one and plan once.
+        fields = [str(v) for pair in mapping.items() if pair[0] != "id" for v in pair]
+        if not self._recover(keys=[self.key(job_id)], args=[job_id, *fields]):
             return Job.from_hash(self.r.hgetall(self.key(job_id)))
-        self.r.hset(self.key(job_id), mapping=mapping)
         self.r.zadd(self.INDEX, {job_id: job.created_at})
         if job.finished:
             if job.labelset:  # its progress, from the store's completion records

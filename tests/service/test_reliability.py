@@ -322,6 +322,22 @@ def test_jobs_are_listed_from_the_store_after_redis_is_emptied(labeled, clean_re
         assert listed == made
 
 
+def test_a_progress_write_after_redis_lost_a_job_leaves_no_broken_record(labeled, clean_redis):
+    """A worker's progress write that lands just after Redis was emptied creates a record with
+    no id (HSET on a missing key); reading the job recovers it whole from the store instead of
+    failing on the partial record (a 500, seen once under bench_scale's Redis flushes)."""
+    root, _ = labeled
+    with api(root) as client:
+        job = client.post("/v1/jobs", json=JOB).json()
+        clean_redis.flushdb()
+        clean_redis.hset(f"labeler:job:{job['id']}", mapping={"images_done": 3,
+                                                             "progressed_at": time.time()})
+        again = client.get(f"/v1/jobs/{job['id']}")
+        assert again.status_code == 200, again.text
+        assert (again.json()["id"], again.json()["dataset"]) == (job["id"], job["dataset"])
+        assert {j["id"] for j in client.get("/v1/jobs").json()["jobs"]} == {job["id"]}
+
+
 def test_api_keys_clients_cannot_send_are_refused_in_configuration(tmp_path):
     with pytest.raises(ValueError, match="printable ASCII"):
         Settings(api_keys="ключ-1").api_key_list()
