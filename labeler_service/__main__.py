@@ -1,3 +1,4 @@
 from labeler_service.cli import main
 
-main()
+if __name__ == "__main__":  # spawned processes (registration's hashing) import this module too
+    main()

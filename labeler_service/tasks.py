@@ -363,7 +363,12 @@ def _allow_decoding_processes(**_) -> None:
     """Prefork children are daemonic, and daemonic processes may not start children; but the
     teacher's images are decoded in DataLoader worker processes. Those exit when this process
     dies (they watch their parent), so lifting the flag leaves no orphans."""
-    multiprocessing.current_process()._config["daemon"] = False
+    process = multiprocessing.current_process()
+    process._config["daemon"] = False
+    # This process is billiard's, and so is its authkey's type, whose pickling multiprocessing's
+    # spawn (the registration's hashing processes) cannot allow: the same key, in its own type.
+    process._config["authkey"] = multiprocessing.process.AuthenticationString(
+        bytes(process.authkey))
 
 
 @signals.worker_ready.connect

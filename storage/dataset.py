@@ -95,7 +95,7 @@ class Dataset:
         low = int(ends[0]) if start else 0
         ends = ends[1:] if start else ends
         data = np.asarray(columns["path_utf8"][low:int(ends[-1])], dtype=np.uint8)
-        return PathColumn(data, ends - low)
+        return PathColumn(data, ends - low if low else ends)  # no copy of a whole column
 
     def sha256(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The registered raw sha256 digests of rows [start, stop): uint8 [n, 32]."""
@@ -132,17 +132,17 @@ class Dataset:
             part for chunk in self.manifest_chunks() for part in chunk.chunks()))
 
     def split_buckets(self) -> np.ndarray:
-        """Every image's held-out bucket (``storage.splits.split_bucket``, 0..999), int64:
+        """Every image's held-out bucket (``storage.splits.split_bucket``, 0..999), int16:
         stored at registration (``manifest/bucket``), so no reader hashes millions of paths at
         start; computed (and stored, where the store is writable) for datasets registered
         before it was."""
         columns = self._columns
         if "bucket" in columns.array_keys():
-            return np.asarray(columns["bucket"][:], dtype=np.int64)
-        buckets = split_bucket(self.paths())
+            return np.asarray(columns["bucket"][:], dtype=np.int16)
+        buckets = split_bucket(self.paths()).astype(np.int16)
         with contextlib.suppress(Exception):  # a read-only store: computed every time
             write_column(zarr.open_group(store=columns.store, path=columns.path, mode="r+"),
-                         "bucket", buckets.astype(np.int16))
+                         "bucket", buckets)
         return buckets
 
     def held_out(self, permille: int) -> np.ndarray:

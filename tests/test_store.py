@@ -303,10 +303,37 @@ def test_a_scan_keeps_a_bounded_window_of_files_in_flight(tmp_path: Path, monkey
             consumed[0] = scanned
 
     monkeypatch.setattr(manifest_module, "probe_image", counting_probe)
-    result = manifest_module.scan_image_folder(root, max_workers=4, progress=progress)
+    result = manifest_module.scan_image_folder(root, max_workers=4, progress=progress,
+                                                processes=0)
     assert len(result) == 3000 and started[0] == 3000
     window = manifest_module.SCAN_WINDOW_PER_WORKER * 4
     assert max(ahead) <= window + 1, max(ahead)  # +1: a result being handed over
+
+
+def test_hashing_processes_give_the_threads_manifest(images: Path, monkeypatch):
+    """Large folders are hashed by processes (threads alone use about one core): the same rows,
+    and a paused scan's rows are a prefix of them from which a scan goes on."""
+    from storage import manifest as manifest_module
+    from storage.manifest import ScanPaused, scan_image_folder
+
+    threads = scan_image_folder(images, processes=0)
+    monkeypatch.setattr(manifest_module, "SCAN_BATCH", 4)  # 18 images: five batches
+    processes = scan_image_folder(images, processes=2)
+    assert processes.fingerprint() == threads.fingerprint()
+    np.testing.assert_array_equal(processes.sha256, threads.sha256)
+
+    def pause(scanned: int, total: int | None) -> None:
+        if total is not None and scanned >= 5:
+            raise ScanPaused()
+
+    with pytest.raises(ScanPaused) as paused:
+        scan_image_folder(images, processes=2, progress=pause)
+    partial = paused.value.partial
+    assert len(partial) == 8  # whole batches: the second one reached 5
+    np.testing.assert_array_equal(partial.sha256, threads.sha256[:8])
+    np.testing.assert_array_equal(partial.width, threads.width[:8])
+    resumed = scan_image_folder(images, processes=2, resume=partial)
+    assert resumed.fingerprint() == threads.fingerprint()
 
 
 def test_ordered_map_keeps_order_and_window():

@@ -71,3 +71,23 @@ def test_register_with_a_worker(cluster: Cluster, redis_db: redis.Redis, tmp_pat
         assert names == {"toy": "ready", "escape": "failed"}
         job = client.post("/v1/jobs", json=JOB)  # labeled in test_round_trip.py
         assert job.status_code == 202, job.text
+
+
+def test_a_large_folder_is_hashed_by_processes_inside_the_worker(cluster: Cluster):
+    """A folder of SCAN_PROCESS_MIN_FILES files or more is hashed by spawned processes, from
+    inside a Celery prefork child (daemonic until the worker lifts the flag): the same dataset
+    as a thread-hashed `labeler datasets add` of it."""
+    from storage.manifest import SCAN_PROCESS_MIN_FILES, scan_image_folder
+
+    sources = sorted((cluster.root / "data" / "toy").rglob("*.jpg"))
+    big = cluster.root / "data" / "big"
+    for i in range(SCAN_PROCESS_MIN_FILES):
+        (big / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        os.link(sources[i % len(sources)], big / f"c{i % 4}" / f"{i:05d}.jpg")
+    cluster.start_api()
+    cluster.start_worker()
+    dataset = cluster.register("big", "big")
+    assert dataset["num_images"] == SCAN_PROCESS_MIN_FILES
+    threads = scan_image_folder(big, processes=0)
+    assert dataset["fingerprint"] == threads.fingerprint()
+    assert "Traceback" not in cluster.log("w0.log")

@@ -152,7 +152,7 @@ def test_centre_cropped_labels_map_boxes_through_their_square(labeled):
         shard_size=4, chunk_size=2))
     stream = TokenLabelStream(StreamConfig(store=str(store_path), dataset="toy",
                                            labelset=labelset.id, image_size=32, augment=False))
-    width, height = (int(v) for v in stream.sizes[0])
+    width, height = stream.image_size(0)
     assert width != height  # the sample images are not square
     side = min(width, height)
     x1, y1, x2, y2 = stream.to_grid(0, (0, 0, width, height))

@@ -6,11 +6,13 @@ labeled images through a seeded shuffle buffer of image indices. Because the ord
 from indices alone (the ``status`` array, no image or label I/O), a resumed run skips exactly the
 samples its checkpoint says were consumed and goes on in the same order.
 
-Labels are read one whole shard at a time (one zarr read per array per shard); images are
-decoded in the DataLoader workers; zarr is opened lazily inside each worker (the dataset object
-holds only a path). Augmentation that moves pixels (RandomResizedCrop, horizontal flip) is done
-here with an explicit box, returned with the sample so the labels can be cropped by the very same
-box on the device (``trainer.labels.roi_align_labels``).
+Labels, and the manifest rows the stream uses (paths, sizes, classes), are read one whole shard
+at a time (one zarr read per array per shard), so a rank holds no whole-dataset column but the
+usable mask (ImageNet-21k's paths alone are ~0.5 GB); images are decoded in the DataLoader
+workers; zarr is opened lazily inside each worker (the dataset object holds only a path).
+Augmentation that moves pixels (RandomResizedCrop, horizontal flip) is done here with an explicit
+box, returned with the sample so the labels can be cropped by the very same box on the device
+(``trainer.labels.roi_align_labels``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
-from storage import ImageStatus, LabelSet, Store, StoreError
+from storage import Dataset, LabelSet, PathColumn, Store, StoreError
 from storage.images import to_rgb
 from trainer.augment import (
     IDENTITY_THETA,
@@ -90,6 +92,16 @@ def open_labelset(store: Store, dataset_name: str, labelset_id: str) -> LabelSet
     return labelset
 
 
+@dataclass
+class ShardRows:
+    """The manifest rows of one shard that the stream uses."""
+
+    start: int
+    paths: PathColumn
+    sizes: np.ndarray  # int32 [n, 2]: width, height
+    targets: np.ndarray  # int32 [n]
+
+
 class TokenLabelStream(IterableDataset):
     """Yields dicts: ``image`` uint8 [3, S, S], the image's label maps (``logits``, ``classes``,
     ``lse``), ``box`` (x1, y1, x2, y2) in label-grid coordinates, ``flip``, ``target`` (the
@@ -101,27 +113,29 @@ class TokenLabelStream(IterableDataset):
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.position = position or StreamPosition()
-        # Everything a worker needs to compute its order, read once in the parent: small arrays.
+        # What a worker needs to compute its order, read once in the parent: a byte an image.
         store = Store.open(config.store, mode="r")
         labelset = open_labelset(store, config.dataset, config.labelset)
         dataset = store.dataset(config.dataset)
-        status = labelset.status()
+        labeled = labelset.labeled()  # from the completion summary when every image is
         in_split = dataset.held_out(config.val_permille)  # stored buckets: no hashing here
         if config.split == "train":
             in_split = ~in_split
-        usable = in_split & (status == ImageStatus.LABELED)
-        self.skipped = int((in_split & (status != ImageStatus.LABELED)).sum())
-        self.usable = usable
-        # The columns it uses, compactly (no hashes): ~60 bytes an image, ~0.8 GB at 14.2M.
-        self.paths = dataset.paths()
-        self.sizes = np.stack([dataset.column("width"), dataset.column("height")], axis=1)
-        self.targets = dataset.column("class")
-        self.source_root = Path(store.dataset(config.dataset).source_root)
+        self.usable = in_split & labeled
+        self.skipped = int((in_split & ~labeled).sum())
+        self.num_images = labelset.num_images
+        self.source_root = Path(dataset.source_root)
         self.shard_size, self.num_shards = labelset.shard_size, labelset.num_shards
         self.grid = labelset.grid
         self.resize = labelset.teacher.resize  # what the grid covers: docs/store-format.md
         self.num_classes = labelset.teacher.num_classes
         self._labelset: LabelSet | None = None  # opened lazily in each worker
+        self._dataset: Dataset | None = None
+        self._rows: dict[int, ShardRows] = {}
+
+    def __getstate__(self) -> dict:
+        # Sent to DataLoader workers without open arrays or cached rows: each opens its own.
+        return {**self.__dict__, "_labelset": None, "_dataset": None, "_rows": {}}
 
     def __len__(self) -> int:
         return int(self.usable.sum())
@@ -200,16 +214,51 @@ class TokenLabelStream(IterableDataset):
                 "lse": torch.from_numpy(block.lse[row]),
                 "box": torch.tensor(self.to_grid(index, box), dtype=torch.float32),
                 "flip": flip,
-                "target": int(self.targets[index]),
+                "target": self.target(index),
                 "index": int(index),
                 "stream": stream,
                 "seq": seq,
             }
 
+    # -- manifest rows, a shard at a time ----------------------------------------------------
+
+    def shard_rows(self, shard: int) -> ShardRows:
+        """The shard's paths, sizes and classes: read when the stream reaches the shard, and
+        kept for the few shards a shuffle buffer spans."""
+        rows = self._rows.get(shard)
+        if rows is None:
+            if self._dataset is None:
+                self._dataset = Store.open(self.config.store, mode="r").dataset(
+                    self.config.dataset)
+            start = shard * self.shard_size
+            stop = min(start + self.shard_size, self.num_images)
+            dataset = self._dataset
+            rows = ShardRows(start, dataset.paths(start, stop),
+                             np.stack([dataset.column("width", start, stop),
+                                       dataset.column("height", start, stop)], axis=1),
+                             dataset.column("class", start, stop))
+            if len(self._rows) >= 8:
+                self._rows.pop(next(iter(self._rows)))
+            self._rows[shard] = rows
+        return rows
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image ``index`` after EXIF orientation, from the manifest."""
+        rows = self.shard_rows(index // self.shard_size)
+        width, height = rows.sizes[index - rows.start].tolist()
+        return width, height
+
+    def target(self, index: int) -> int:
+        """Image ``index``'s dataset class, -1 if unknown."""
+        rows = self.shard_rows(index // self.shard_size)
+        return int(rows.targets[index - rows.start])
+
+    # -- sampling -----------------------------------------------------------------------------
+
     def sample_box(self, index: int, generator: torch.Generator) -> tuple[tuple, bool]:
         """RandomResizedCrop's box (x1, y1, x2, y2) in image pixels, and a flip, for training;
         the whole image, unflipped, otherwise."""
-        width, height = (int(v) for v in self.sizes[index])
+        width, height = self.image_size(index)
         if not (self.config.augment and self.config.split == "train"):
             return (0, 0, width, height), False
         box = sample_crop(width, height, self.config.crop_scale, self.config.crop_ratio,
@@ -238,14 +287,15 @@ class TokenLabelStream(IterableDataset):
     def to_grid(self, index: int, box: tuple) -> tuple[float, ...]:
         """A box in image pixels to label-grid coordinates, through the label set's recorded
         geometry (the whole image, or its central square for centre-cropped labels)."""
-        return tuple(image_box_to_grid(box, self.sizes[index].tolist(), self.grid, self.resize))
+        return tuple(image_box_to_grid(box, self.image_size(index), self.grid, self.resize))
 
     def load_image(self, index: int, box: tuple, flip: bool,
                    colour: tuple[float, float, float] | None = None) -> torch.Tensor:
         """Decode (full resolution: a small crop needs every pixel), orient, crop by ``box`` and
         resize in one resampling, then flip and adjust colours."""
         size = self.config.image_size
-        with Image.open(self.source_root / self.paths[index]) as img:
+        rows = self.shard_rows(index // self.shard_size)
+        with Image.open(self.source_root / rows.paths[index - rows.start]) as img:
             picture = to_rgb(ImageOps.exif_transpose(img))
         crop = picture.resize((size, size), Image.Resampling.BICUBIC, box=box)
         if flip:
