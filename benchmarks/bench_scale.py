@@ -190,6 +190,19 @@ def worker_manifest_bytes(dataset, labelset) -> dict:
     return {"shard_task_peak_mb": peak / 2**20}
 
 
+def single_image_reads(store: Store, labelset_id: str, requests: int) -> dict:
+    """``LabelSet.read_image`` of scattered images, each from a freshly opened label set (what
+    a request does): one shard's inner chunk per array."""
+    seconds = []
+    num_images = store.labelset(labelset_id).num_images
+    for i in range(requests):
+        t = time.perf_counter()
+        Store.open(store.location, mode="r").labelset(labelset_id).read_image(
+            (i * 7919) % num_images)
+        seconds.append(time.perf_counter() - t)
+    return percentiles(seconds)
+
+
 def api_requests(base: Path, store: Store, labelset, requests: int, with_images: bool,
                  redis_url: str) -> dict:
     import redis
@@ -281,6 +294,8 @@ def run(args) -> dict:
                                  "peak_rss_mb": stream["peak_rss_mb"]}
         print("stream", out["trainer_stream"], flush=True)
         out["worker_manifest"] = worker_manifest_bytes(dataset, labelset)
+        if not args.no_images:
+            out["read_image"] = single_image_reads(store, labelset.id, args.requests)
         out["api"] = api_requests(base, store, labelset, args.requests, not args.no_images,
                                   args.redis_url)
         print("api", out["api"], flush=True)
@@ -304,6 +319,8 @@ def print_table(out: dict) -> None:
              f"{stream['peak_rss_mb']:.0f} MB"),
             ("worker shard task, manifest", "",
              f"{out['worker_manifest']['shard_task_peak_mb']:.3f} MB")]
+    if "read_image" in out:
+        rows.append(("read_image", f"p50 {out['read_image']['p50_ms']:.1f} ms", ""))
     if "first_batch_s" in stream:
         rows.append(("trainer first batch", f"{stream['first_batch_s']:.2f} s", ""))
     for name, figures in out["api"].items():
