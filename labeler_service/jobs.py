@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import redis
+import zarr
 
 from labeler_service import keys
 from labeler_service.keys import now
@@ -188,6 +189,7 @@ class JobStore:
         self.store = store
         self.ttl = ttl_seconds
         self.enqueue_plan = enqueue_plan  # queues a recovered job's plan (labeler_service.queue)
+        self._jobs: zarr.Group | None = None
         self._shard_done = client.register_script(_SHARD_DONE)
         self._finish = client.register_script(_FINISH)
         self._mark_enqueued = client.register_script(_MARK_ENQUEUED)
@@ -334,7 +336,9 @@ class JobStore:
     # -- the durable record -----------------------------------------------------------------
 
     def _jobs_group(self):
-        return self.store.root.require_group("jobs")
+        if self._jobs is None:  # a handle, kept: require_group reads the store each time
+            self._jobs = self.store.root.require_group("jobs")
+        return self._jobs
 
     def _write_record(self, job: Job) -> None:
         self._jobs_group().create_group(job.id, attributes={

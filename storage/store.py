@@ -101,10 +101,15 @@ class Store:
         return sorted(self.root["datasets"].group_keys())
 
     def dataset(self, name: str) -> Dataset:
-        datasets = self.root["datasets"]
-        if name not in datasets.group_keys():
+        # One read of the group's metadata: listing every dataset first was most of the cost of
+        # the API's requests (several lookups each).
+        group = None
+        if _NAME.match(name):
+            with contextlib.suppress(KeyError):
+                group = self.root[f"datasets/{name}"]
+        if not isinstance(group, zarr.Group):
             raise KeyError(f"no dataset {name!r} in store {self.location}")
-        return Dataset(datasets[name], self.code_version)
+        return Dataset(group, self.code_version)
 
     def add_dataset(self, name: str, directory: str | Path, manifest: Manifest | None = None,
                     confine_to: str | Path | None = None, progress: Progress | None = None,
