@@ -58,7 +58,7 @@ class Dataset:
         write_column(columns, "sha256", manifest.sha256)
         for stored, attr in NUMBER_COLUMNS.items():
             write_column(columns, stored, getattr(manifest, attr))
-        write_column(columns, "bucket", split_bucket(manifest.path).astype(np.int16))
+        write_column(columns, "bucket", split_bucket(manifest.path))
         group.require_group("labels")
         group.update_attributes({  # one write: MutableMapping.update would write per key
             "kind": "dataset",
@@ -139,7 +139,7 @@ class Dataset:
         columns = self._columns
         if "bucket" in columns.array_keys():
             return np.asarray(columns["bucket"][:], dtype=np.int16)
-        buckets = split_bucket(self.paths()).astype(np.int16)
+        buckets = split_bucket(self.paths())
         with contextlib.suppress(Exception):  # a read-only store: computed every time
             write_column(zarr.open_group(store=columns.store, path=columns.path, mode="r+"),
                          "bucket", buckets)
