@@ -224,8 +224,9 @@ class ImageListing:
     def digest(self) -> str:
         """sha256 over the listed paths: two listings of one folder are the same files in the
         same order exactly when their digests are equal."""
-        h = hashlib.sha256(self.paths.data.tobytes())
-        h.update(self.paths.ends.astype("<i8").tobytes())
+        # Hashed in place: copies of the columns would be ~0.6 GB at ImageNet-21k.
+        h = hashlib.sha256(np.ascontiguousarray(self.paths.data).data)
+        h.update(np.ascontiguousarray(self.paths.ends, dtype="<i8").data)
         return h.hexdigest()
 
 
