@@ -287,6 +287,8 @@ def run(args) -> dict:
             out["register"] = {"seconds": add["seconds"], "peak_rss_mb": add["peak_rss_mb"],
                                "cpu_s": add["cpu_s"]}
         print("registered", out["register"], flush=True)
+        if args.register_only:
+            return out
         store = Store.open(location)
         dataset = store.dataset("bench")
         labelset = dataset.create_labelset(labelset_config(dataset))
@@ -316,8 +318,12 @@ def run(args) -> dict:
 
 def print_table(out: dict) -> None:
     n = out["config"]["images"]
-    reg, stream = out["register"], out["trainer_stream"]
+    reg = out["register"]
     print(f"\n{n:,} images ({'on disk' if out['config']['images_on_disk'] else 'no images'})")
+    if "trainer_stream" not in out:  # --register-only
+        print(f"| register | {reg['seconds']:.1f} s | {reg['peak_rss_mb']:.0f} MB |")
+        return
+    stream = out["trainer_stream"]
     rows = [("register", f"{reg['seconds']:.1f} s", f"{reg['peak_rss_mb']:.0f} MB"),
             ("write labels", f"{out['write_labels']['images_per_s']:,.0f} img/s", ""),
             ("trainer stream start", f"{stream['start_s']:.2f} s",
@@ -345,6 +351,8 @@ def parse_args() -> argparse.Namespace:
                    help="no image tree: a made-up manifest, status only (the 14.2M run)")
     p.add_argument("--tree-dir", type=Path, default=None,
                    help="keep the image tree here (reused when complete)")
+    p.add_argument("--register-only", action="store_true",
+                   help="stop after `labeler datasets add` (the 14.2M registration)")
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     common.add_scratch_args(p)
