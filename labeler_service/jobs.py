@@ -207,22 +207,51 @@ class JobStore:
                created_at: float | None = None) -> Job:
         job = Job(id=job_id or new_job_id(), dataset=dataset, request=request, state="queued",
                   created_at=created_at or now())
+        self._create(job, {"progressed_at": job.created_at})
+        return job
+
+    def create_succeeded(self, dataset: str, request: dict[str, Any],
+                         labelset: LabelSet) -> Job:
+        """A job whose label set is already complete: made in its final state, with one write
+        of its store record (each is a small file renamed into place, and a disk's slow write
+        was the tail of a POST that made the job, started it and finished it in three)."""
+        at = now()
+        progress = progress_in_store(labelset)
+        agreement = labelset.attrs.get("agreement")
+        job = Job(id=new_job_id(), dataset=dataset, request=request, state="succeeded",
+                  created_at=at, started_at=at, finished_at=at, labelset=labelset.id,
+                  agreement=agreement, images_total=progress["images_total"],
+                  images_done=progress["images_done"],
+                  images_failed=progress["images_failed"],
+                  shards_total=progress["shards_total"],
+                  shards_done=len(progress["shards_done"]))
+        self._create(job, {
+            "progressed_at": at, "started_at": at, "finished_at": at, "labelset": labelset.id,
+            "error": "", "agreement": json.dumps(agreement) if agreement is not None else "",
+            **{k: getattr(job, k) for k in ("images_total", "images_done", "images_failed",
+                                            "shards_total", "shards_done")}},
+            record={"state": "succeeded", "labelset": labelset.id, "finished_at": at,
+                    "error": "", "agreement": agreement})
+        self.r.expire(self.key(job.id), self.ttl)
+        return job
+
+    def _create(self, job: Job, fields: dict[str, Any],
+                record: dict[str, Any] | None = None) -> None:
         # Redis first: if it is down the request fails and leaves nothing behind that a later
         # recovery could revive.
         pipe = self.r.pipeline()
         pipe.hset(self.key(job.id), mapping={
-            "id": job.id, "dataset": dataset, "request": json.dumps(request, sort_keys=True),
-            "state": job.state, "created_at": job.created_at,
-            "progressed_at": job.created_at})
+            "id": job.id, "dataset": job.dataset,
+            "request": json.dumps(job.request, sort_keys=True), "state": job.state,
+            "created_at": job.created_at, **fields})
         pipe.zadd(self.INDEX, {job.id: job.created_at})
         pipe.execute()
         try:
-            self._write_record(job)
+            self._write_record(job, **(record or {}))
         except Exception:
             self.r.delete(self.key(job.id))
             self.r.zrem(self.INDEX, job.id)
             raise
-        return job
 
     def start_from_store(self, job_id: str, labelset: LabelSet,
                          retry_failed: bool = False) -> list[int]:
@@ -340,10 +369,10 @@ class JobStore:
             self._jobs = self.store.root.require_group("jobs")
         return self._jobs
 
-    def _write_record(self, job: Job) -> None:
+    def _write_record(self, job: Job, **final: Any) -> None:
         self._jobs_group().create_group(job.id, attributes={
             "id": job.id, "dataset": job.dataset, "request": job.request,
-            "created_at": job.created_at, "state": "active"})
+            "created_at": job.created_at, "state": "active", **final})
 
     def _update_record(self, job_id: str, **attrs: Any) -> None:
         try:

@@ -108,7 +108,12 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
             response.headers["Location"] = f"/v1/jobs/{job.id}"
             return with_retry_after(job, response)
     try:
-        job = jobs.create(body.dataset, request)
+        done = complete_labelset(Resolutions(client, store, settings.job_ttl_seconds), store,
+                                 body.dataset, request, checkpoint)
+        if done is not None:  # nothing to label: the job succeeds at once
+            job = jobs.create_succeeded(body.dataset, request, done)
+        else:
+            job = jobs.create(body.dataset, request)
     except Exception as e:
         if idempotency_key:  # let a retry with the same key through
             idempotency.release(idempotency_key)
@@ -116,13 +121,7 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
             raise HTTPException(503, public_reason(f"the store cannot be written: {e}",
                                                    store_location=store.location)) from None
         raise
-    done = complete_labelset(Resolutions(client, store, settings.job_ttl_seconds), store,
-                             body.dataset, request, checkpoint)
-    if done is not None:  # nothing to label: the job succeeds at once
-        jobs.start_from_store(job.id, done)
-        jobs.finish(job.id, "succeeded", agreement=done.attrs.get("agreement"))
-        job = jobs.get(job.id)
-    else:
+    if done is None:
         jobs.enqueue(job.id)
     # Only now: a recorded key always names a job that was queued. (A crash before this leaves a
     # queued job that the API's start-up queues again; the in-flight key expires in seconds.)
