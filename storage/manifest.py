@@ -97,7 +97,10 @@ class PathColumn:
             stop = max(start, stop)
             low = int(self.ends[start - 1]) if start else 0
             high = int(self.ends[stop - 1]) if stop > start else low
-            return PathColumn(self.data[low:high], self.ends[start:stop] - low)
+            ends = self.ends[start:stop]
+            # a view from the first row: the scan slices its whole listing (0.1 GB of ends at
+            # 14.2M) to hand it to the hashing pool
+            return PathColumn(self.data[low:high], ends - low if low else ends)
         return self.take(np.asarray(key))
 
     def take(self, rows: np.ndarray) -> PathColumn:
