@@ -112,6 +112,9 @@ def datasets_list(store_location: str) -> None:
                    "cores / 4, at least 1, since the teacher uses every core).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
               show_default=True, help="Autocast dtype on CUDA (the head and lse are always fp32).")
+@click.option("--compile", "compile_teacher", is_flag=True,
+              help="torch.compile the teacher (compiled once at start, for --batch-size; "
+                   "the labels are the same to rounding).")
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE,
               show_default=True, help="Images per shard (new label sets only).")
 @click.option("--chunk-size", type=click.IntRange(1), default=None,
@@ -130,9 +133,9 @@ def datasets_list(store_location: str) -> None:
 def label(dataset: str, model: str, checkpoint: Path | None, random_weights: bool,
           input_size: int, topk: int, output_stride: str | None, store_location: str,
           device: str, batch_size: int,
-          workers: int | None, precision: str, shard_size: int, chunk_size: int | None, part: str,
-          max_pixels: int | None, ignore_dataset_classes: bool, retry_failed: bool,
-          progress: bool) -> None:
+          workers: int | None, precision: str, compile_teacher: bool, shard_size: int,
+          chunk_size: int | None, part: str, max_pixels: int | None,
+          ignore_dataset_classes: bool, retry_failed: bool, progress: bool) -> None:
     """Label DATASET with a dense teacher, in this process (resumable)."""
     from labeler_service.labeling import LabelingOptions, label_dataset, parse_part
     from storage.images import DEFAULT_MAX_PIXELS
@@ -140,7 +143,7 @@ def label(dataset: str, model: str, checkpoint: Path | None, random_weights: boo
     if (checkpoint is None) == (not random_weights):
         raise click.UsageError("give exactly one of --checkpoint FILE and --random-weights")
     options = LabelingOptions(batch_size=batch_size, num_workers=workers, device=device,
-                              precision=precision,
+                              precision=precision, compile=compile_teacher,
                               max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                               shard_size=shard_size, chunk_size=chunk_size, progress=progress)
     store = Store.open(store_location)

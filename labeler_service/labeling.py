@@ -23,7 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from labeler_service.teacher import DenseTeacher, build_teacher, fit_summary, label_space_problem
+from labeler_service.teacher import (
+    DenseTeacher,
+    build_teacher,
+    fit_summary,
+    fold_weight_standardization,
+    label_space_problem,
+)
 from storage import (
     LABEL_ARRAYS,
     ImageStatus,
@@ -62,6 +68,7 @@ class LabelingOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     chunk_size: int | None = None  # None: the store's default for the shard size
     progress: bool = True
+    compile: bool = False  # torch.compile the teacher for batches of batch_size (TeacherRunner)
 
 
 @dataclass
@@ -174,34 +181,68 @@ class ModelInput:
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
+def prepare_for_inference(teacher: DenseTeacher, device: torch.device,
+                          fold_standardization: bool = True) -> None:
+    """What labeling does to a teacher before its first batch, in place: fold NFNet's weight
+    standardisation into plain convs (``fold_weight_standardization``: the same outputs, without
+    re-standardising every weight every batch) and, on CUDA, make the model channels last and
+    let cuDNN pick its fastest kernels for the one input shape labeling uses."""
+    if fold_standardization:
+        fold_weight_standardization(teacher.model)
+    if device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # every batch has the same input shape
+
+
 class TeacherRunner:
-    """Normalises uint8 batches on the device and runs the teacher under autocast."""
+    """Normalises uint8 batches on the device and runs the teacher under autocast.
+
+    The runner owns the teacher it is given (``prepare_for_inference`` changes it in place).
+    With ``compile_shape=(batch_size, input_size)`` the whole step (normalisation, teacher,
+    top-K, narrowing to the store's dtypes) is one ``torch.compile``d graph for batches of that
+    shape, compiled when the runner is made, so the first labeled batch does not pay for it; a
+    smaller batch (a shard's last) is padded to the full size rather than compiled again.
+    """
 
     def __init__(self, teacher: DenseTeacher, mean: Sequence[float], std: Sequence[float],
-                 topk: int, device: torch.device, precision: str = "bf16"):
+                 topk: int, device: torch.device, precision: str = "bf16",
+                 compile_shape: tuple[int, int] | None = None):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}")
         self.teacher, self.topk, self.device = teacher, topk, device
-        self.cuda = device.type == "cuda"
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
-        if self.cuda:
-            teacher.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True  # every batch has the same input shape
+        prepare_for_inference(teacher, device)
         self.model_input = ModelInput(mean, std, device)
         specs = array_specs(topk, (1, 1), teacher.num_classes)
-        self.dtypes = {name: specs[name].dtype for name in LABEL_ARRAYS}
+        self.dtypes = {name: getattr(torch, specs[name].dtype.name) for name in LABEL_ARRAYS}
+        self.batch_size: int | None = None
+        self.step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.label_batch
+        if compile_shape is not None:
+            self.batch_size, size = compile_shape
+            self.step = torch.compile(self.label_batch, dynamic=False)
+            self(torch.zeros(self.batch_size, size, size, 3, dtype=torch.uint8))
 
-    @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        """The label arrays of ``pixels`` (``LABEL_ARRAYS``), in the store's dtypes."""
+    def label_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 [B, S, S, 3] on the device -> ``LABEL_ARRAYS`` on the device, in the store's
+        dtypes (narrowed on the device, so that each array's copy to the host is small)."""
         x = self.model_input(pixels)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
             out = self.teacher.summarise(x, self.topk)
-        # Narrow on the device, then one copy per array to the host.
-        return {name: getattr(out, name).to(getattr(torch, self.dtypes[name].name)).cpu().numpy()
-                for name in LABEL_ARRAYS}
+        return tuple(getattr(out, name).to(self.dtypes[name]) for name in LABEL_ARRAYS)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """The label arrays of ``pixels`` (``LABEL_ARRAYS``), in the store's dtypes."""
+        n = len(pixels)
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.batch_size is not None and n < self.batch_size:
+            pad = pixels.new_zeros((self.batch_size - n, *pixels.shape[1:]))
+            pixels = torch.cat([pixels, pad])
+        outputs = self.step(pixels)
+        return {name: values[:n].cpu().numpy()
+                for name, values in zip(LABEL_ARRAYS, outputs, strict=True)}
 
 
 def decoded_source(dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions) -> tuple:
@@ -402,7 +443,9 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
     todo = [s for s in labelset.pending_shards(retry_failed=retry_failed) if s % count == index]
     mine = [s for s in range(labelset.num_shards) if s % count == index]
     report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
-    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision,
+                           compile_shape=(options.batch_size, input_size) if options.compile
+                           else None)
     report = label_shards(labelset, dataset, runner, todo, options, report=report)
     report.agreement = labelset.attrs.get("agreement")
     # Measured when this run completed the label set (a rerun with nothing to do writes nothing).

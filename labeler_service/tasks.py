@@ -87,7 +87,10 @@ def teacher_for(model: str, checkpoint: str, input_size: int, topk: int):
     precision = settings.precision if device.type == "cuda" else "fp32"
     teacher, spec, grid = build_teacher(model, Path(checkpoint), input_size, device,
                                         precision=precision)
-    return TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision), spec, grid
+    compile_shape = ((settings.batch_size_for(input_size), input_size)
+                     if settings.compile_teacher else None)
+    return (TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision, compile_shape),
+            spec, grid)
 
 
 @lru_cache(maxsize=8)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from timm.data import ImageNetInfo
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame
 from torch import nn
 
 from labeler_service.checkpoint_files import checkpoint_problem
@@ -179,6 +180,43 @@ class DenseTeacher(nn.Module):
                 f"{name}: the mean of the dense logits differs from the "
                 f"model's output by {error:.3g}; its head is not global average pool + linear")
         return int(dense.shape[2]), int(dense.shape[3])
+
+
+def fold_weight_standardization(model: nn.Module) -> int:
+    """Replace every scaled weight-standardised conv of ``model`` (NFNet's ``ScaledStdConv2d``
+    and ``ScaledStdConv2dSame``) by a plain conv holding its standardised weight; returns how
+    many were replaced.
+
+    timm's layers standardise their weights in every forward: for NFNet-F6 that is a pass over
+    its 438 M parameters per batch, which inference, whose weights never change, need not pay.
+    The standardised weight is computed by the layer's own arithmetic, once, so in float32 the
+    folded model's outputs are the unfolded model's, bit for bit. For inference only: the
+    folded model has no ``gain`` parameters and its state dict is no longer a timm checkpoint.
+    """
+    folded = 0
+    for parent in list(model.modules()):
+        for name, conv in list(parent.named_children()):
+            if not isinstance(conv, ScaledStdConv2d | ScaledStdConv2dSame):
+                continue
+            with torch.no_grad():
+                weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None,
+                                      weight=(conv.gain * conv.scale).view(-1), training=True,
+                                      momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+            # SAME padding that depends on the input's size stays dynamic (timm's Conv2dSame);
+            # a fixed padding is nn.Conv2d's own.
+            plain_type = Conv2dSame if getattr(conv, "same_pad", False) else nn.Conv2d
+            plain = plain_type(conv.in_channels, conv.out_channels, conv.kernel_size,
+                               stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                               groups=conv.groups, bias=conv.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if conv.bias is not None:
+                    plain.bias.copy_(conv.bias)
+            plain.train(conv.training)
+            setattr(parent, name, plain)
+            folded += 1
+    return folded
 
 
 def imagenet_class_names(num_classes: int) -> tuple[str, ...]:

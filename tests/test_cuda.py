@@ -42,6 +42,31 @@ def test_cuda_labels_match_cpu(tmp_path: Path, images: Path, checkpoint: Path, p
     assert (cuda.classes[:, 0][clear] == cpu.classes[:, 0][clear]).mean() > 0.99
 
 
+def test_cuda_compiled_labels_match_eager(checkpoint: Path):
+    """``labeler label --compile`` on CUDA: the compiled runner (bf16, a padded last batch)
+    against the eager one on the same pixels."""
+    from labeler_service.labeling import TeacherRunner
+    from labeler_service.teacher import build_teacher
+
+    device = torch.device("cuda")
+    pixels = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, shape in (("eager", None), ("compiled", (4, 64))):
+        teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64, device, precision="bf16")
+        runner = TeacherRunner(teacher, spec.mean, spec.std, 2, device, "bf16", shape)
+        batches = [runner(pixels[:4]), runner(pixels[4:])]  # 4, then 2 padded to 4
+        out[name] = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    eager, compiled = out["eager"], out["compiled"]
+    # bf16 kernels fused differently round differently: the bf16 tolerance above
+    np.testing.assert_allclose(compiled["lse"], eager["lse"], atol=0.25, rtol=0.05)
+    np.testing.assert_allclose(compiled["global_logits"], eager["global_logits"], atol=0.25,
+                               rtol=0.05)
+    margin = eager["logits"][:, 0].astype(np.float32) - eager["logits"][:, 1]
+    clear = margin > 0.5
+    assert (compiled["classes"][:, 0][clear] == eager["classes"][:, 0][clear]).mean() > 0.99
+
+
 def test_cuda_train_step_matches_cpu():
     """Two TrainSteps (bf16 autocast, channels_last, pinned batch) against the CPU's fp32 steps
     from the same weights on the same batch."""

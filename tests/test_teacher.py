@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from torch import nn
 
 from labeler_service.sample import make_random_checkpoint
-from labeler_service.teacher import DenseTeacher, TeacherError, build_teacher, file_sha256
+from labeler_service.teacher import (
+    DenseTeacher,
+    TeacherError,
+    build_teacher,
+    file_sha256,
+    fold_weight_standardization,
+)
 from storage import LABEL_ARRAYS
 
 
@@ -104,6 +112,54 @@ def test_labels_stay_float32_under_autocast(checkpoint: Path):
     assert (out["logits"].dtype, out["classes"].dtype, out["lse"].dtype) == (
         np.float16, np.int16, np.float32)
     assert out["global_logits"].shape == (3, 2) and out["global_classes"].dtype == np.int16
+
+
+@pytest.mark.parametrize("model_name", ["test_nfnet", "dm_nfnet_f0"])
+def test_folded_weight_standardization_gives_the_same_outputs(model_name: str):
+    """test_nfnet has ScaledStdConv2d layers; dm_nfnet_f0 ScaledStdConv2dSame, with dynamic
+    (TF 'SAME') padding on its strided convs."""
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame
+
+    model = timm.create_model(model_name, pretrained=False, num_classes=7).eval()
+    with torch.no_grad():  # gains other than 1, so that the gain is part of what is folded
+        for m in model.modules():
+            if isinstance(m, ScaledStdConv2d | ScaledStdConv2dSame):
+                m.gain.uniform_(0.5, 1.5)
+    standardised = sum(isinstance(m, ScaledStdConv2d | ScaledStdConv2dSame)
+                       for m in model.modules())
+    x = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(3))  # odd: SAME pads
+    unit_gains = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_weight_standardization(model) == standardised > 20
+        after = model(x)
+        for m in unit_gains.modules():
+            if isinstance(m, ScaledStdConv2d | ScaledStdConv2dSame):
+                m.gain.fill_(1.0)
+        control = unit_gains(x)
+    assert not any(isinstance(m, ScaledStdConv2d | ScaledStdConv2dSame) for m in model.modules())
+    assert not any(hasattr(m, "gain") for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert torch.equal(before, after)  # the layer's own arithmetic, once: bit for bit
+    # The outputs depend on the gains, so a fold that lost them could not pass the above.
+    assert not torch.allclose(before, control, atol=1e-3)
+
+
+def test_the_runner_folds_its_teacher(checkpoint: Path):
+    from timm.layers import ScaledStdConv2d
+
+    from labeler_service.labeling import TeacherRunner
+
+    teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(4))
+    x = ((pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1))
+         / torch.tensor(spec.std).view(1, 3, 1, 1))
+    unfolded = teacher.summarise(x, topk=2)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "fp32")
+    assert not any(isinstance(m, ScaledStdConv2d) for m in teacher.modules())
+    out = runner(pixels)
+    np.testing.assert_allclose(out["lse"], unfolded.lse.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["classes"], unfolded.classes.numpy())
 
 
 def test_input_size_must_tile_the_stride(checkpoint: Path):
