@@ -19,6 +19,16 @@
    ``--workers`` processes, transfer, normalisation, teacher, top-K, shard writes). The loop's
    first batch includes worker start-up and the first forward, which the bare pass excludes, so
    the ratio is slightly pessimistic for short runs.
+4. Decoding alone (first round, after the job, on its store): the job's ``ImageDecoder`` over
+   the job's batches with no teacher, from the first batch on: the rate decoding caps the job
+   at, so that a job short of the bare forward says whether the decoding is what it waits for.
+
+Both passes run the teacher as the job's ``TeacherRunner`` prepares it
+(``prepare_for_inference``): NFNet's weight standardisation folded into plain convs once. With
+``--unfolded-pass``, one bare pass is first timed without that (timm's layers re-standardise
+every weight in every forward): the lever's worth. With ``--compile`` both passes are
+``torch.compile``d (the job: ``labeler label --compile``); the compile is in the bare pass's
+warm-up (``bare.compile_s``) and in the job's call-to-return time, not in its loop.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one image through the dense
 teacher (the dense head included); GFLOPs/image x images/s gives achieved TFLOP/s, reported as a
@@ -54,13 +64,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from labeler_service.labeling import (
     AUTOCAST_DTYPES,
+    ImageDecoder,
     LabelingOptions,
     ModelInput,
     default_workers,
     label_dataset,
+    prepare_for_inference,
+    shard_batches,
 )
 from labeler_service.sample import SAMPLE_CLASSES, draw_sample, make_random_checkpoint
-from labeler_service.teacher import build_teacher
+from labeler_service.teacher import build_teacher, fold_weight_standardization
 from storage import Store
 from storage.images import decode_image
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
@@ -128,11 +141,14 @@ class BareForward:
         self.topk, self.precision = args.topk, args.precision
         self.teacher, self.spec, self.grid = build_teacher(args.model, checkpoint,
                                                            args.input_size, self.device)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            self.teacher.to(memory_format=torch.channels_last)
-            # As TeacherRunner does; a process-wide flag, so the job's passes get it as well.
+        # As TeacherRunner does, but with the weight standardisation folded only by ``fold``,
+        # so that a pass can be timed without it first (--unfolded-pass).
+        prepare_for_inference(self.teacher, self.device, fold_standardization=False)
+        if self.device.type == "cuda":  # a process-wide flag: the job's passes get it as well
             torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        self.summarise = self.teacher.summarise
+        self.compile = args.compile
+        self.compile_s = 0.0  # the warm-up of the compiled pass: compiling, once per shape
 
         n, size, batch = len(files), args.input_size, args.batch_size
         self.batches = job_batches(n, args.shard_size, batch)
@@ -156,6 +172,12 @@ class BareForward:
     def inputs(self, t: int) -> torch.Tensor:
         return self.pool[t % self.distinct][:len(self.batches[t])]
 
+    def fold(self) -> None:
+        """Fold the weight standardisation, as the job's runner does; compile after it."""
+        fold_weight_standardization(self.teacher.model)
+        if self.compile:  # TeacherRunner compiles normalisation + summarise; here summarise
+            self.summarise = torch.compile(self.teacher.summarise, dynamic=False)
+
     @torch.no_grad()
     def gflops_per_image(self) -> float:
         with FlopCounterMode(display=False) as counter, autocast_for(self.device, self.precision):
@@ -166,23 +188,25 @@ class BareForward:
     def run(self) -> float:
         """Seconds for all batches, after one untimed warm-up batch per batch shape."""
         with autocast_for(self.device, self.precision):
+            start = time.perf_counter()
             for size in sorted({len(b) for b in self.batches}, reverse=True):
-                self.teacher.summarise(self.inputs(0)[:size], self.topk)
+                self.summarise(self.inputs(0)[:size], self.topk)
             synchronize(self.device)
+            self.compile_s = max(self.compile_s, time.perf_counter() - start)
             start = time.perf_counter()
             for t in range(len(self.batches)):
-                self.teacher.summarise(self.inputs(t), self.topk)
+                self.summarise(self.inputs(t), self.topk)
             synchronize(self.device)
             return time.perf_counter() - start
 
 
 # -- the job ------------------------------------------------------------------------------------
 
-def run_job(args, checkpoint: Path, images: Path, store_dir: Path) -> dict:
+def run_job(args, checkpoint: Path, images: Path, store_dir: Path, decode: bool = False) -> dict:
     store = Store.open(store_dir)
     store.add_dataset(DATASET, images)  # manifest scan: not timed
     options = LabelingOptions(batch_size=args.batch_size, num_workers=args.workers,
-                              device=args.device, precision=args.precision,
+                              device=args.device, precision=args.precision, compile=args.compile,
                               shard_size=args.shard_size,
                               chunk_size=min(args.chunk_size, args.shard_size), progress=False)
     synchronize(torch.device(args.device))
@@ -194,8 +218,35 @@ def run_job(args, checkpoint: Path, images: Path, store_dir: Path) -> dict:
     if report.images_labeled != args.images or report.images_failed:
         raise RuntimeError(f"job labeled {report.images_labeled} of {args.images} images, "
                            f"failures: {dict(report.images_failed)} {report.failures[:3]}")
-    return {"wall_s": wall, "loop_s": report.seconds, "labelset_id": report.labelset_id,
-            "shards_written": report.shards_written}
+    out = {"wall_s": wall, "loop_s": report.seconds, "labelset_id": report.labelset_id,
+           "shards_written": report.shards_written}
+    if decode:
+        out["decode"] = decode_alone(store, report.labelset_id, options)
+    return out
+
+
+def decode_alone(store: Store, labelset_id: str, options: LabelingOptions) -> dict:
+    """The job's decoding alone: its ``ImageDecoder`` (processes, pinned memory on CUDA) over
+    the job's batches with no teacher, timed from the first batch (the processes' start-up
+    excluded): the most images/s decoding lets the job reach."""
+    dataset = store.dataset(DATASET)
+    labelset = dataset.labelset(labelset_id)
+    device = torch.device(options.device)
+    decoder = ImageDecoder.for_labelset(dataset, labelset, options, device)
+    first, count = None, 0
+    try:
+        batches = shard_batches(labelset, dataset, range(labelset.num_shards),
+                                options.batch_size)
+        for batch in decoder(batches):
+            if first is None:
+                first = time.perf_counter()
+            else:
+                count += len(batch.indices)
+        seconds = time.perf_counter() - first
+    finally:
+        decoder.close()
+    return {"img_s": count / seconds if seconds else None, "seconds": seconds,
+            "images_timed": count, "workers": decoder.num_workers}
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -215,6 +266,8 @@ def run(args) -> dict:
         bare = BareForward(args, checkpoint, files)
         gflops = bare.gflops_per_image()
         setup_s = time.perf_counter() - t0
+        unfolded_s = [bare.run()] if args.unfolded_pass else []
+        bare.fold()
 
         bare_s, jobs, memory = [], [], {"bare": 0.0, "job": 0.0}
         for r in range(args.rounds):
@@ -222,7 +275,8 @@ def run(args) -> dict:
                 bare_s.append(bare.run())
             memory["bare"] = max(memory["bare"], peak["gib"])
             with common.peak_gpu_memory(device) as peak:
-                jobs.append(run_job(args, checkpoint, images, base / f"store-{r}"))
+                jobs.append(run_job(args, checkpoint, images, base / f"store-{r}",
+                                    decode=r == 0))
             memory["job"] = max(memory["job"], peak["gib"])
             shutil.rmtree(base / f"store-{r}", ignore_errors=True)
 
@@ -235,6 +289,7 @@ def run(args) -> dict:
         "config": {
             "model": args.model, "input_size": args.input_size, "grid": list(bare.grid),
             "topk": args.topk, "images": n, "batch_size": args.batch_size,
+            "compile": args.compile,
             "workers": (default_workers(torch.device(args.device)) if args.workers is None
                         else args.workers), "device": args.device, "precision": args.precision,
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -245,14 +300,19 @@ def run(args) -> dict:
             "torch": torch.__version__, "setup_s": setup_s,
         },
         "gflops_per_image": gflops,
-        "bare": {"img_s": bare_rate, "seconds": bare_s},
+        "bare": {"img_s": bare_rate, "seconds": bare_s,
+                 "compile_s": bare.compile_s if args.compile else None},
         "job": {"loop_img_s": loop_rate, "wall_img_s": wall_rate,
                 "loop_s": [j["loop_s"] for j in jobs], "wall_s": [j["wall_s"] for j in jobs],
                 "labelset_id": jobs[0]["labelset_id"]},
+        "decode": jobs[0]["decode"],  # decoding alone, no teacher (first round)
         "ratio_loop": loop_rate / bare_rate,
         "ratio_wall": wall_rate / bare_rate,
         "target_ratio_min": 0.9,
     }
+    if unfolded_s:  # the lever: re-standardising every weight in every batch, as timm does
+        out["bare_unfolded"] = {"img_s": n / unfolded_s[0], "seconds": unfolded_s,
+                                "folded_speedup": bare_rate / (n / unfolded_s[0])}
     achieved = {k: gflops * v / 1e3 for k, v in
                 (("bare", bare_rate), ("job_loop", loop_rate), ("job_wall", wall_rate))}
     out["achieved_tflops"] = achieved
@@ -285,12 +345,21 @@ def print_table(out: dict) -> None:
              out["job"]["loop_img_s"], "job_loop"),
             ("label_dataset call->return", statistics.median(out["job"]["wall_s"]),
              out["job"]["wall_img_s"], "job_wall")]
+    if "bare_unfolded" in out:  # no FLOP figure of its own: the same model, re-standardised
+        u = out["bare_unfolded"]
+        print(f"{'bare, weights re-standardised':<28} {u['seconds'][0]:>9.2f} {u['img_s']:>9.1f} "
+              f"{'':>8} {u['img_s'] / bare_rate:>8.3f}")
     for name, seconds, rate, key in rows:
         line = (f"{name:<28} {seconds:>9.2f} {rate:>9.1f} {out['achieved_tflops'][key]:>8.3f} "
                 f"{rate / bare_rate:>8.3f}")
         if frac:
             line += f" {frac[key]:>8.1%}"
         print(line)
+    d = out["decode"]
+    if d["img_s"]:
+        print(f"{'decoding alone, no teacher':<28} {d['seconds']:>9.2f} {d['img_s']:>9.1f} "
+              f"{'':>8} {d['img_s'] / bare_rate:>8.3f}   ({d['workers']} processes, "
+              f"{d['images_timed']} images after the first batch)")
     ok = out["ratio_loop"] >= out["target_ratio_min"]
     print(f"target: job / bare >= {out['target_ratio_min']}: "
           f"{'PASS' if ok else 'FAIL'} (loop {out['ratio_loop']:.3f}, "
@@ -314,6 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "as in the job)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.backends.cudnn.benchmark on CUDA (the job turns it on)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the teacher in both passes (the job: labeler --compile)")
+    p.add_argument("--unfolded-pass", action="store_true",
+                   help="first time one bare pass with timm's per-forward weight "
+                        "standardisation (what folding it saves)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)

@@ -18,6 +18,11 @@ of ``--budget-s``, and a step that fails or runs out of time is recorded and the
    default, and the loader (with the recipe's augmentation) against the model, on every core.
 5. ``shard_tasks``: ``bench_shard_tasks.py`` with ``dm_nfnet_f0`` at 256 px: labeling shard by
    shard as a service worker does it, against one pass.
+6. ``label_f6_compiled``: step 3's ``dm_nfnet_f6`` with ``--compile`` (``torch.compile``, the
+   job's ``labeler label --compile``), 512 images, with what is left of the budget.
+
+Step 3 also times one bare pass with timm's per-forward weight standardisation
+(``--unfolded-pass``): what folding it (``prepare_for_inference``) is worth.
 
 Not measured: the service path (API + Celery worker): the GPU machine has no Redis server.
 
@@ -44,7 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -59,6 +64,7 @@ class Step:
     argv: list[str]
     cap_s: float  # the most this step may take of the budget
     min_s: float = 20.0  # not started with less than this left
+    env: dict[str, str] = field(default_factory=dict)  # added to the step's environment
 
 
 def steps_for(device: str, tiny: bool) -> list[Step]:
@@ -72,11 +78,11 @@ def steps_for(device: str, tiny: bool) -> list[Step]:
             Step("matmul", [py, str(HERE / "gpu_suite.py"), "--matmul", "{json}", "--device",
                             device, "--size", "256"], 30, 5),
             Step("label_f0", [py, str(HERE / "bench_label.py"), "--model", "test_nfnet",
-                              "--input-size", "64", *label, "--device", device,
-                              "--json-out", "{json}"], 60),
+                              "--input-size", "64", *label, "--unfolded-pass", "--device",
+                              device, "--json-out", "{json}"], 60),
             Step("label_f6", [py, str(HERE / "bench_label.py"), "--model", "test_nfnet",
-                              "--input-size", "96", *label, "--device", device,
-                              "--json-out", "{json}"], 60),
+                              "--input-size", "96", *label, "--unfolded-pass", "--device",
+                              device, "--json-out", "{json}"], 60),
             Step("train", [py, str(HERE / "bench_train.py"), "--model", "lvvit_t",
                            "--input-size", "64", "--batch-size", "4", "--steps", "1",
                            "--warmup", "1", "--parts-reps", "1", "--loader-images", "16",
@@ -88,21 +94,27 @@ def steps_for(device: str, tiny: bool) -> list[Step]:
                                  "--shard-size", "8", "--batch-size", "4", "--workers", "1",
                                  "--input-size", "64", "--rounds", "1", "--device", device,
                                  "--json-out", "{json}"], 60),
+            # The step's flags and figures, with torch.compile a no-op: inductor on this CPU
+            # takes a minute a compile, and tests/test_cli.py runs it for real.
+            Step("label_f6_compiled", [py, str(HERE / "bench_label.py"), "--model",
+                                       "test_nfnet", "--input-size", "96", *label, "--compile",
+                                       "--device", device, "--json-out", "{json}"], 60,
+                 env={"TORCH_COMPILE_DISABLE": "1"}),
         ]
     peak = ["--peak-tflops", "{matmul_tflops}"]  # the rate the matmul step measured
     workers = str(max(1, cores - 2))  # decoding processes; the rest feeds the GPU
     return [
         Step("cuda_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "tests/test_cuda.py"], 120),
+                            "tests/test_cuda.py"], 180),
         Step("matmul", [py, str(HERE / "gpu_suite.py"), "--matmul", "{json}", "--device",
                         device], 30, 5),
         Step("label_f0", [py, str(HERE / "bench_label.py"), "--model", "dm_nfnet_f0",
                           "--input-size", "256", "--images", "2048", "--batch-size", "128",
-                          "--workers", workers, "--device", device, *peak,
+                          "--workers", workers, "--unfolded-pass", "--device", device, *peak,
                           "--json-out", "{json}"], 90, 45),
         Step("label_f6", [py, str(HERE / "bench_label.py"), "--model", "dm_nfnet_f6",
                           "--input-size", "576", "--images", "1024", "--batch-size", "64",
-                          "--workers", workers, "--device", device, *peak,
+                          "--workers", workers, "--unfolded-pass", "--device", device, *peak,
                           "--json-out", "{json}"], 150, 60),
         Step("train", [py, str(HERE / "bench_train.py"), "--model", "lvvit_s",
                        "--input-size", "224", "--batch-size", "128", "--steps", "20",
@@ -114,6 +126,11 @@ def steps_for(device: str, tiny: bool) -> list[Step]:
                              "--batch-size", "128", "--workers", workers, "--threads", "4",
                              "--rounds", "2", "--device", device, "--json-out", "{json}"],
              90, 45),
+        # Last: whether torch.compile pays, with what is left (its compile is not in the loop).
+        Step("label_f6_compiled", [py, str(HERE / "bench_label.py"), "--model", "dm_nfnet_f6",
+                                   "--input-size", "576", "--images", "512", "--batch-size",
+                                   "64", "--workers", workers, "--compile", "--device", device,
+                                   *peak, "--json-out", "{json}"], 240, 90),
     ]
 
 
@@ -200,7 +217,7 @@ def run_step(step: Step, results_dir: Path, log, time_left: float,
     env = os.environ | {"PYTHONUNBUFFERED": "1",
                         "PYTHONPATH": os.pathsep.join(
                             p for p in (str(ROOT), str(HERE), os.environ.get("PYTHONPATH"))
-                            if p)}
+                            if p)} | step.env
     try:
         proc = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                               timeout=limit)
@@ -227,13 +244,14 @@ def summarise(results: dict) -> list[str]:
     mm = result("matmul")
     lines.append(f"matmul {mm['size']}^3 {mm['dtype']}: {mm['tflops']:.0f} TFLOP/s" if mm
                  else "matmul: not measured")
-    for name in ("label_f0", "label_f6"):
+    for name in ("label_f0", "label_f6", "label_f6_compiled"):
         r = result(name)
         if not r:
             lines.append(f"{name}: not measured ({steps.get(name, {}).get('status')})")
             continue
         c = r["config"]
-        line = (f"{c['model']}@{c['input_size']}: job {r['job']['loop_img_s']:.0f} img/s, bare "
+        line = (f"{c['model']}@{c['input_size']}{' compiled' if c.get('compile') else ''}: "
+                f"job {r['job']['loop_img_s']:.0f} img/s, bare "
                 f"{r['bare']['img_s']:.0f} img/s, ratio {r['ratio_loop']:.3f} (>= 0.9 "
                 f"{'PASS' if r['ratio_loop'] >= 0.9 else 'FAIL'})")
         if "fraction_of_peak" in r:
@@ -243,6 +261,17 @@ def summarise(results: dict) -> list[str]:
                 line += f" (>= 50 % {'PASS' if frac >= 0.5 else 'FAIL'})"
         if r.get("gpu_memory_gib"):
             line += f", peak GPU memory {r['gpu_memory_gib']['job']:.1f} GiB"
+        if "bare_unfolded" in r:
+            line += (f"; folding the weight standardisation: "
+                     f"{r['bare_unfolded']['folded_speedup']:.3f}x the bare forward")
+        if r["bare"].get("compile_s") is not None:
+            line += f"; compiling took {r['bare']['compile_s']:.0f} s (bare warm-up)"
+            eager = result("label_f6")
+            if eager:
+                line += (f"; {r['job']['loop_img_s'] / eager['job']['loop_img_s']:.3f}x the "
+                         "eager job")
+        if r.get("decode", {}).get("img_s"):
+            line += f"; decoding alone {r['decode']['img_s']:.0f} img/s"
         lines.append(line)
     r = result("train")
     if r:

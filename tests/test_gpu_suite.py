@@ -22,13 +22,18 @@ def test_the_dry_run_runs_every_step_and_writes_its_results(tmp_path: Path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     steps = results["steps"]
     assert list(steps) == ["cuda_tests", "matmul", "label_f0", "label_f6", "train",
-                           "shard_tasks"]
+                           "shard_tasks", "label_f6_compiled"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert all("result" in s for name, s in steps.items() if name != "cuda_tests")
     assert steps["train"]["result"]["steps"]["token label --recipe lvvit"]["ratio"] > 0
     assert steps["train"]["result"]["loader"]["consumer"] == "token label --recipe lvvit"
+    for name in ("label_f0", "label_f6"):  # the levers' figures, measured in the same run
+        assert steps[name]["result"]["bare_unfolded"]["folded_speedup"] > 0
+        assert steps[name]["result"]["decode"]["img_s"] > 0
+    assert steps["label_f6_compiled"]["result"]["config"]["compile"] is True
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "CUDA tests: ok" in summary and "not measured (" not in summary
+    assert "x the eager job" in summary and "folding the weight standardisation" in summary
     assert "==== shard_tasks" in (tmp_path / "out" / "log").read_text()
 
 
