@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from labeler_service.teacher import (
     DenseTeacher,
+    TeacherError,
     build_teacher,
     fit_summary,
     fold_weight_standardization,
@@ -220,7 +221,13 @@ class TeacherRunner:
         if compile_shape is not None:
             self.batch_size, size = compile_shape
             self.step = torch.compile(self.label_batch, dynamic=False)
-            self(torch.zeros(self.batch_size, size, size, 3, dtype=torch.uint8))
+            try:
+                self(torch.zeros(self.batch_size, size, size, 3, dtype=torch.uint8))
+            except Exception as e:  # inductor: no C/C++ compiler, no Triton, an op it can't lower
+                reason = (str(e).strip().splitlines() or [""])[0][:300]
+                raise TeacherError(f"torch.compile could not compile the teacher "
+                                   f"({type(e).__name__}: {reason}); label without compiling "
+                                   "(no --compile / LABELER_COMPILE_TEACHER=false)") from e
 
     def label_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """uint8 [B, S, S, 3] on the device -> ``LABEL_ARRAYS`` on the device, in the store's

@@ -48,3 +48,30 @@ def test_user_errors_are_one_line(store: Path, index: int):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert mention in lines[0] and "Traceback" not in result.output
+
+
+def test_a_teacher_that_cannot_compile_is_one_line(tmp_path: Path, images: Path,
+                                                   checkpoint: Path):
+    """``labeler label --compile`` where inductor has no C++ compiler (a machine without
+    build tools): one line that says how to label anyway. A child process, so that inductor
+    reads this environment, with its own cache, so that nothing compiled earlier is reused."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"CXX": str(tmp_path / "no-such-g++"),
+                        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    labeler_cli = [sys.executable, "-m", "labeler_service"]
+    store = ["--store", str(tmp_path / "store")]
+    subprocess.run([*labeler_cli, "datasets", "add", "toy", str(images), *store], check=True,
+                   capture_output=True)
+    proc = subprocess.run([*labeler_cli, "label", "toy", "--model", "test_nfnet",
+                           "--checkpoint", str(checkpoint), "--input-size", "64", "--topk", "2",
+                           "--workers",
+                           "0", "--no-progress", "--compile", *store],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("Error: torch.compile could not compile the teacher")
+    assert "label without compiling" in lines[0]
