@@ -179,8 +179,9 @@ class Store:
             return None
         if any(len(column) != rows for column in columns.values()):
             return None
-        return PartialScan(listing, columns["sha256"].astype(np.uint8),
-                           columns["width"].astype(np.int32), columns["height"].astype(np.int32))
+        return PartialScan(listing, np.asarray(columns["sha256"], np.uint8),
+                           np.asarray(columns["width"], np.int32),
+                           np.asarray(columns["height"], np.int32))
 
     def _keep_partial_scan(self, name: str, partial: PartialScan, key: str) -> None:
         group = self.root["datasets"].require_group(name)  # no attrs: an unfinished dataset
