@@ -175,6 +175,16 @@ class Job:
             agreement=json.loads(h["agreement"]) if h.get("agreement") else None,
         )
 
+    def to_hash(self) -> dict[str, str | float]:
+        """Its Redis record, as ``from_hash`` reads it ('' for none), less the progress counts,
+        which planning and the shard tasks write (``_set_progress``, ``_SHARD_DONE``)."""
+        return {"id": self.id, "dataset": self.dataset,
+                "request": json.dumps(self.request, sort_keys=True), "state": self.state,
+                "created_at": self.created_at, "started_at": self.started_at or "",
+                "finished_at": self.finished_at or "", "labelset": self.labelset or "",
+                "error": self.error or "",
+                "agreement": json.dumps(self.agreement) if self.agreement is not None else ""}
+
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL_STATES
@@ -226,8 +236,7 @@ class JobStore:
                   shards_total=progress["shards_total"],
                   shards_done=len(progress["shards_done"]))
         self._create(job, {
-            "progressed_at": at, "started_at": at, "finished_at": at, "labelset": labelset.id,
-            "error": "", "agreement": json.dumps(agreement) if agreement is not None else "",
+            "progressed_at": at,
             **{k: getattr(job, k) for k in ("images_total", "images_done", "images_failed",
                                             "shards_total", "shards_done")}},
             record={"state": "succeeded", "labelset": labelset.id, "finished_at": at,
@@ -240,10 +249,7 @@ class JobStore:
         # Redis first: if it is down the request fails and leaves nothing behind that a later
         # recovery could revive.
         pipe = self.r.pipeline()
-        pipe.hset(self.key(job.id), mapping={
-            "id": job.id, "dataset": job.dataset,
-            "request": json.dumps(job.request, sort_keys=True), "state": job.state,
-            "created_at": job.created_at, **fields})
+        pipe.hset(self.key(job.id), mapping=job.to_hash() | fields)
         pipe.zadd(self.INDEX, {job.id: job.created_at})
         pipe.execute()
         try:
@@ -395,12 +401,7 @@ class JobStore:
                   created_at=attrs["created_at"], finished_at=attrs.get("finished_at"),
                   labelset=attrs.get("labelset"), error=attrs.get("error") or None,
                   agreement=attrs.get("agreement"))
-        mapping = {"id": job.id, "dataset": job.dataset,
-                   "request": json.dumps(job.request, sort_keys=True), "state": job.state,
-                   "created_at": job.created_at, "labelset": job.labelset or "",
-                   "error": job.error or "", "finished_at": job.finished_at or "",
-                   "agreement": json.dumps(job.agreement) if job.agreement else "",
-                   "progressed_at": now()}
+        mapping = job.to_hash() | {"progressed_at": now()}
         # Written only if no record has the id: two recoverers racing create one and plan once.
         fields = [str(v) for pair in mapping.items() if pair[0] != "id" for v in pair]
         if not self._recover(keys=[self.key(job_id)], args=[job_id, *fields]):
