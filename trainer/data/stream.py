@@ -17,9 +17,10 @@ box, returned with the sample so the labels can be cropped by the very same box 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -92,6 +93,25 @@ def open_labelset(store: Store, dataset_name: str, labelset_id: str) -> LabelSet
     return labelset
 
 
+T = TypeVar("T")
+
+
+class RecentShards(Generic[T]):
+    """``read(shard)`` for the last ``keep`` shards read, kept: a stream's shuffle buffer spans
+    a few shards at most, so each of its shards is read once a pass."""
+
+    def __init__(self, read: Callable[[int], T], keep: int):
+        self.read, self.keep = read, keep
+        self._kept: dict[int, T] = {}
+
+    def __getitem__(self, shard: int) -> T:
+        if shard not in self._kept:
+            if len(self._kept) >= self.keep:
+                self._kept.pop(next(iter(self._kept)))  # the oldest
+            self._kept[shard] = self.read(shard)
+        return self._kept[shard]
+
+
 @dataclass
 class ShardRows:
     """The manifest rows of one shard that the stream uses."""
@@ -131,11 +151,11 @@ class TokenLabelStream(IterableDataset):
         self.num_classes = labelset.teacher.num_classes
         self._labelset: LabelSet | None = None  # opened lazily in each worker
         self._dataset: Dataset | None = None
-        self._rows: dict[int, ShardRows] = {}
+        self._rows: RecentShards[ShardRows] | None = None
 
     def __getstate__(self) -> dict:
         # Sent to DataLoader workers without open arrays or cached rows: each opens its own.
-        return {**self.__dict__, "_labelset": None, "_dataset": None, "_rows": {}}
+        return {**self.__dict__, "_labelset": None, "_dataset": None, "_rows": None}
 
     def __len__(self) -> int:
         return int(self.usable.sum())
@@ -186,7 +206,7 @@ class TokenLabelStream(IterableDataset):
         skip = self.position.consumed.get(stream, 0)
         generator = torch.Generator().manual_seed(
             (self.config.seed * 1_000_003 + self.position.epoch) * 65_537 + stream)
-        blocks: dict[int, object] = {}
+        blocks = RecentShards(self._labelset.read_shard, keep=5)
         for seq, index in enumerate(self.order(stream, streams)):
             # drawn for skipped samples too, so a resumed stream draws the same boxes after them
             box, flip = self.sample_box(index, generator)
@@ -194,12 +214,7 @@ class TokenLabelStream(IterableDataset):
             augmentation, erase_box = self.sample_recipe(generator)
             if seq < skip:
                 continue
-            shard = index // self.shard_size
-            if shard not in blocks:
-                if len(blocks) > 4:  # a shuffle buffer spans a few shards at most
-                    blocks.pop(next(iter(blocks)))
-                blocks[shard] = self._labelset.read_shard(shard)
-            block = blocks[shard]
+            block = blocks[index // self.shard_size]
             row = index - block.start
             image = self.load_image(index, box, flip, colour)
             if augmentation is not None:
@@ -225,22 +240,20 @@ class TokenLabelStream(IterableDataset):
     def shard_rows(self, shard: int) -> ShardRows:
         """The shard's paths, sizes and classes: read when the stream reaches the shard, and
         kept for the few shards a shuffle buffer spans."""
-        rows = self._rows.get(shard)
-        if rows is None:
-            if self._dataset is None:
-                self._dataset = Store.open(self.config.store, mode="r").dataset(
-                    self.config.dataset)
-            start = shard * self.shard_size
-            stop = min(start + self.shard_size, self.num_images)
-            dataset = self._dataset
-            rows = ShardRows(start, dataset.paths(start, stop),
-                             np.stack([dataset.column("width", start, stop),
-                                       dataset.column("height", start, stop)], axis=1),
-                             dataset.column("class", start, stop))
-            if len(self._rows) >= 8:
-                self._rows.pop(next(iter(self._rows)))
-            self._rows[shard] = rows
-        return rows
+        if self._rows is None:
+            self._rows = RecentShards(self.read_shard_rows, keep=8)
+        return self._rows[shard]
+
+    def read_shard_rows(self, shard: int) -> ShardRows:
+        if self._dataset is None:
+            self._dataset = Store.open(self.config.store, mode="r").dataset(self.config.dataset)
+        start = shard * self.shard_size
+        stop = min(start + self.shard_size, self.num_images)
+        dataset = self._dataset
+        return ShardRows(start, dataset.paths(start, stop),
+                         np.stack([dataset.column("width", start, stop),
+                                   dataset.column("height", start, stop)], axis=1),
+                         dataset.column("class", start, stop))
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) of image ``index`` after EXIF orientation, from the manifest."""
