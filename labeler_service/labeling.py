@@ -216,13 +216,13 @@ class TeacherRunner:
         self.model_input = ModelInput(mean, std, device)
         specs = array_specs(topk, (1, 1), teacher.num_classes)
         self.dtypes = {name: getattr(torch, specs[name].dtype.name) for name in LABEL_ARRAYS}
-        self.batch_size: int | None = None
+        self.compiled_batch: int | None = None  # the batch compiled for; smaller ones padded to it
         self.step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.label_batch
         if compile_shape is not None:
-            self.batch_size, size = compile_shape
+            self.compiled_batch, size = compile_shape
             self.step = torch.compile(self.label_batch, dynamic=False)
             try:
-                self(torch.zeros(self.batch_size, size, size, 3, dtype=torch.uint8))
+                self(torch.zeros(self.compiled_batch, size, size, 3, dtype=torch.uint8))
             except Exception as e:  # inductor: no C/C++ compiler, no Triton, an op it can't lower
                 reason = (str(e).strip().splitlines() or [""])[0][:300]
                 raise TeacherError(f"torch.compile could not compile the teacher "
@@ -244,8 +244,8 @@ class TeacherRunner:
         """The label arrays of ``pixels`` (``LABEL_ARRAYS``), in the store's dtypes."""
         n = len(pixels)
         pixels = pixels.to(self.device, non_blocking=True)
-        if self.batch_size is not None and n < self.batch_size:
-            pad = pixels.new_zeros((self.batch_size - n, *pixels.shape[1:]))
+        if self.compiled_batch is not None and n < self.compiled_batch:
+            pad = pixels.new_zeros((self.compiled_batch - n, *pixels.shape[1:]))
             pixels = torch.cat([pixels, pad])
         outputs = self.step(pixels)
         return {name: values[:n].cpu().numpy()

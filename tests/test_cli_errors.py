@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,10 +58,6 @@ def test_a_teacher_that_cannot_compile_is_one_line(tmp_path: Path, images: Path,
     """``labeler label --compile`` where inductor has no C++ compiler (a machine without
     build tools): one line that says how to label anyway. A child process, so that inductor
     reads this environment, with its own cache, so that nothing compiled earlier is reused."""
-    import os
-    import subprocess
-    import sys
-
     env = os.environ | {"CXX": str(tmp_path / "no-such-g++"),
                         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     labeler_cli = [sys.executable, "-m", "labeler_service"]

@@ -147,13 +147,12 @@ def test_folded_weight_standardization_gives_the_same_outputs(model_name: str):
 def test_the_runner_folds_its_teacher(checkpoint: Path):
     from timm.layers import ScaledStdConv2d
 
-    from labeler_service.labeling import TeacherRunner
+    from labeler_service.labeling import ModelInput, TeacherRunner
 
     teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
     pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(4))
-    x = ((pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1))
-         / torch.tensor(spec.std).view(1, 3, 1, 1))
+    x = ModelInput(spec.mean, spec.std, torch.device("cpu"))(pixels)
     unfolded = teacher.summarise(x, topk=2)
     runner = TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"), "fp32")
     assert not any(isinstance(m, ScaledStdConv2d) for m in teacher.modules())
