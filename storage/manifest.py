@@ -423,9 +423,9 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
     listing_digest = listing.digest() if resume is not None else None
     if resume is not None and len(resume) <= total and resume.listing == listing_digest:
         # Appended from the arrays' own buffers: copies of them would be ~0.5 GB at 14.2M.
-        digests += memoryview(np.ascontiguousarray(resume.sha256, np.uint8)).cast("B")
-        widths.frombytes(memoryview(np.ascontiguousarray(resume.width, np.int32)).cast("B"))
-        heights.frombytes(memoryview(np.ascontiguousarray(resume.height, np.int32)).cast("B"))
+        digests += np.ascontiguousarray(resume.sha256, np.uint8).data.cast("B")
+        widths.frombytes(np.ascontiguousarray(resume.width, np.int32).data.cast("B"))
+        heights.frombytes(np.ascontiguousarray(resume.height, np.int32).data.cast("B"))
     resumed = len(widths)
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
     # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
