@@ -176,14 +176,16 @@ class Job:
         )
 
     def to_hash(self) -> dict[str, str | float]:
-        """Its Redis record, as ``from_hash`` reads it ('' for none), less the progress counts,
-        which planning and the shard tasks write (``_set_progress``, ``_SHARD_DONE``)."""
+        """Its Redis record, as ``from_hash`` reads it, less the progress counts, which planning
+        and the shard tasks write (``_set_progress``, ``_SHARD_DONE``). A field with no value is
+        left out, not written empty: ``start`` sets ``started_at`` only where it is absent."""
+        optional = {"started_at": self.started_at, "finished_at": self.finished_at,
+                    "labelset": self.labelset, "error": self.error,
+                    "agreement": json.dumps(self.agreement) if self.agreement is not None else None}
         return {"id": self.id, "dataset": self.dataset,
                 "request": json.dumps(self.request, sort_keys=True), "state": self.state,
-                "created_at": self.created_at, "started_at": self.started_at or "",
-                "finished_at": self.finished_at or "", "labelset": self.labelset or "",
-                "error": self.error or "",
-                "agreement": json.dumps(self.agreement) if self.agreement is not None else ""}
+                "created_at": self.created_at,
+                **{k: v for k, v in optional.items() if v is not None}}
 
     @property
     def finished(self) -> bool:

@@ -21,6 +21,11 @@ def test_the_last_shard_completes_the_job_once_even_if_delivered_again(
     job = jobs.create("toy", {"topk": 2})
     jobs.start(job.id, "ls", images_total=8, shards_total=2, images_done=0, images_failed=0,
                shards_done=[])
+    started_at = jobs.get(job.id).started_at
+    assert started_at and jobs.get(job.id).finished_at is None
+    jobs.start(job.id, "ls", images_total=8, shards_total=2, images_done=0, images_failed=0,
+               shards_done=[])  # planned again (a redelivered plan): still the first start
+    assert jobs.get(job.id).started_at == started_at
     assert jobs.shard_done(job.id, 0, 4, 0) is False
     assert jobs.shard_done(job.id, 1, 3, 1) is True  # every shard counted: complete it
     # The worker died before completing: the redelivered task counts nothing and is told again.
