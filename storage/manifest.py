@@ -422,8 +422,9 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
     # The listing's digest, once: a sha256 over every path (~1 GB of them at ImageNet-21k).
     listing_digest = listing.digest() if resume is not None else None
     if resume is not None and len(resume) <= total and resume.listing == listing_digest:
-        # Appended from the arrays' own buffers: copies of them would be ~0.5 GB at 14.2M.
-        digests += np.ascontiguousarray(resume.sha256, np.uint8).data.cast("B")
+        # Appended from the arrays' own buffers: copies of them would be ~0.5 GB at 14.2M. The
+        # digests flattened first: a memoryview of shape [0, 32] cannot be cast to bytes.
+        digests += np.ascontiguousarray(resume.sha256, np.uint8).reshape(-1).data
         widths.frombytes(np.ascontiguousarray(resume.width, np.int32).data.cast("B"))
         heights.frombytes(np.ascontiguousarray(resume.height, np.int32).data.cast("B"))
     resumed = len(widths)

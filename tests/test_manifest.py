@@ -183,6 +183,24 @@ def test_verify_finds_a_manifest_that_no_longer_matches_its_fingerprint(tmp_path
     assert any("fingerprint does not match" in p for p in report.problems), report.problems
 
 
+def test_a_scan_paused_before_any_file_resumes_from_nothing(images: Path):
+    """Paused at its first progress call with the total known (no file hashed yet), a scan
+    hands back an empty PartialScan, and resuming from it scans every file."""
+    from storage.manifest import ScanPaused
+
+    def pause_at_once(scanned: int, total: int | None) -> None:
+        if total is not None:
+            raise ScanPaused("at once")
+
+    with pytest.raises(ScanPaused) as paused:
+        scan_image_folder(images, progress=pause_at_once, processes=0)
+    assert paused.value.partial is not None and len(paused.value.partial) == 0
+    resumed = scan_image_folder(images, processes=0, resume=paused.value.partial)
+    whole = scan_image_folder(images, processes=0)
+    assert resumed.sha256.shape == whole.sha256.shape and len(whole.sha256) > 0
+    np.testing.assert_array_equal(resumed.sha256, whole.sha256)
+
+
 def test_a_paused_scan_goes_on_from_its_kept_rows(tmp_path: Path, images: Path, monkeypatch):
     """A registration task near its time limit pauses the scan (its progress callback raises
     ScanPaused); the rows hashed so far are kept in the store, and the next call with the same
