@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections import Counter
@@ -49,6 +50,8 @@ from storage.images import (
     read_image_bytes,
 )
 from storage.labelset import DEFAULT_SHARD_SIZE, array_specs
+
+log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -199,15 +202,11 @@ class TeacherRunner:
     """Normalises uint8 batches on the device and runs the teacher under autocast.
 
     The runner owns the teacher it is given (``prepare_for_inference`` changes it in place).
-    With ``compile_shape=(batch_size, input_size)`` the whole step (normalisation, teacher,
-    top-K, narrowing to the store's dtypes) is one ``torch.compile``d graph for batches of that
-    shape, compiled when the runner is made, so the first labeled batch does not pay for it; a
-    smaller batch (a shard's last) is padded to the full size rather than compiled again.
+    ``compile`` makes the whole step one ``torch.compile``d graph; until then it runs eagerly.
     """
 
     def __init__(self, teacher: DenseTeacher, mean: Sequence[float], std: Sequence[float],
-                 topk: int, device: torch.device, precision: str = "bf16",
-                 compile_shape: tuple[int, int] | None = None):
+                 topk: int, device: torch.device, precision: str = "bf16"):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}")
         self.teacher, self.topk, self.device = teacher, topk, device
@@ -218,16 +217,31 @@ class TeacherRunner:
         self.dtypes = {name: getattr(torch, specs[name].dtype.name) for name in LABEL_ARRAYS}
         self.compiled_batch: int | None = None  # the batch compiled for; smaller ones padded to it
         self.step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.label_batch
-        if compile_shape is not None:
-            self.compiled_batch, size = compile_shape
-            self.step = torch.compile(self.label_batch, dynamic=False)
-            try:
-                self(torch.zeros(self.compiled_batch, size, size, 3, dtype=torch.uint8))
-            except Exception as e:  # inductor: no C/C++ compiler, no Triton, an op it can't lower
-                reason = (str(e).strip().splitlines() or [""])[0][:300]
-                raise TeacherError(f"torch.compile could not compile the teacher "
-                                   f"({type(e).__name__}: {reason}); label without compiling "
-                                   "(no --compile / LABELER_COMPILE_TEACHER=false)") from e
+
+    def compile(self, batch_size: int, input_size: int) -> None:
+        """Make the whole step (normalisation, teacher, top-K, narrowing to the store's dtypes)
+        one ``torch.compile``d graph for batches of ``batch_size``, compiled now on a batch of
+        zeros, so that the first labeled batch does not pay for it. A smaller batch (a shard's
+        last) is padded to it rather than compiled again. A runner compiles once: later calls
+        keep the graph it has (minutes of compiling for NFNet-F6)."""
+        if self.compiled_batch is not None:
+            return
+        self.compiled_batch, self.step = batch_size, torch.compile(self.label_batch,
+                                                                   dynamic=False)
+        started = time.perf_counter()
+        try:
+            self(torch.zeros(batch_size, input_size, input_size, 3, dtype=torch.uint8))
+        except Exception as e:
+            self.compiled_batch, self.step = None, self.label_batch  # eager again, as before
+            if isinstance(e, torch.OutOfMemoryError):
+                raise  # the batch does not fit, compiled or not: not the compiler's fault
+            # inductor: no C/C++ compiler, no Triton, an op it can't lower
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TeacherError(f"torch.compile could not compile the teacher "
+                               f"({type(e).__name__}: {reason}); label without compiling "
+                               "(no --compile / LABELER_COMPILE_TEACHER=false)") from e
+        log.info("teacher compiled for batches of %d at %d px in %.1f s", batch_size, input_size,
+                 time.perf_counter() - started)
 
     def label_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """uint8 [B, S, S, 3] on the device -> ``LABEL_ARRAYS`` on the device, in the store's
@@ -250,6 +264,11 @@ class TeacherRunner:
         outputs = self.step(pixels)
         return {name: values[:n].cpu().numpy()
                 for name, values in zip(LABEL_ARRAYS, outputs, strict=True)}
+
+
+def largest_batch(labelset: LabelSet, batch_size: int) -> int:
+    """The most images a batch of ``label_shards`` holds: batches never span shards."""
+    return max(1, min(batch_size, labelset.shard_size, labelset.num_images))
 
 
 def decoded_source(dataset: StoreDataset, labelset: LabelSet, options: LabelingOptions) -> tuple:
@@ -450,9 +469,9 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
     todo = [s for s in labelset.pending_shards(retry_failed=retry_failed) if s % count == index]
     mine = [s for s in range(labelset.num_shards) if s % count == index]
     report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
-    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision,
-                           compile_shape=(options.batch_size, input_size) if options.compile
-                           else None)
+    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision)
+    if options.compile and todo:  # a rerun with nothing to label compiles nothing
+        runner.compile(largest_batch(labelset, options.batch_size), input_size)
     report = label_shards(labelset, dataset, runner, todo, options, report=report)
     report.agreement = labelset.attrs.get("agreement")
     # Measured when this run completed the label set (a rerun with nothing to do writes nothing).

@@ -87,10 +87,8 @@ def teacher_for(model: str, checkpoint: str, input_size: int, topk: int):
     precision = settings.precision if device.type == "cuda" else "fp32"
     teacher, spec, grid = build_teacher(model, Path(checkpoint), input_size, device,
                                         precision=precision)
-    compile_shape = ((settings.batch_size_for(input_size), input_size)
-                     if settings.compile_teacher else None)
-    return (TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision, compile_shape),
-            spec, grid)
+    # Not compiled here: planning loads the teacher too, for its spec alone (label_shard compiles).
+    return TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision), spec, grid
 
 
 @lru_cache(maxsize=8)
@@ -280,7 +278,7 @@ def give_up_shard(labelset, shard: int):
 @app.task(bind=True, base=LabelerTask, name=SHARD_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def label_shard(self, job_id: str, shard: int) -> None:
-    from labeler_service.labeling import LabelingReport, label_shards
+    from labeler_service.labeling import LabelingReport, label_shards, largest_batch
     from storage import ImageStatus
 
     client, store, jobs = services()
@@ -301,10 +299,13 @@ def label_shard(self, job_id: str, shard: int) -> None:
                                    str(resolve_checkpoint(request["teacher"]["checkpoint"])),
                                    request["teacher"]["input_size"], request["topk"])
         began = time.perf_counter()
+        input_size = request["teacher"]["input_size"]
+        batch_size = get_settings().batch_size_for(input_size)
         try:
+            if get_settings().compile_teacher:  # once per process: later shards reuse the graph
+                runner.compile(largest_batch(labelset, batch_size), input_size)
             report = label_shards(labelset, dataset_for(job.dataset), runner, [shard],
-                                  replace(labeling_options(), batch_size=get_settings()
-                                          .batch_size_for(request["teacher"]["input_size"])),
+                                  replace(labeling_options(), batch_size=batch_size),
                                   should_stop=lambda: jobs.cancel_requested(job_id),
                                   report=LabelingReport(labelset.id, 1),
                                   decoder=decoder_for(job.dataset, labelset.id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -114,15 +115,21 @@ def test_demo_runs_the_quickstart(run, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_compiled_teacher_gives_the_same_labels(run, images: Path, checkpoint: Path):
-    """``--compile`` (inductor on this CPU): batches of 3 in shards of 4 leave batches of one,
-    padded to the compiled shape of 3; the labels are the eager run's to rounding."""
+def test_compiled_teacher_gives_the_same_labels(run, images: Path, checkpoint: Path,
+                                                caplog: pytest.LogCaptureFixture):
+    """``--compile`` (inductor on this CPU): ``--batch-size 8`` in shards of 4 compiles for
+    batches of 4, the most a shard holds, and the last shard's 2 images are padded to it; the
+    labels are the eager run's to rounding. A rerun with nothing to label compiles nothing."""
+    caplog.set_level(logging.INFO, logger="labeler_service.labeling")
     for where in ("store", "compiled"):
         run("datasets", "add", "toy", str(images), "--store", where)
-    eager_args = [*label_args(checkpoint), "--batch-size", "3"]
+    eager_args = [*label_args(checkpoint), "--batch-size", "8"]
     run(*eager_args)
     out = run(*eager_args, "--store", "compiled", "--compile")
     assert "18 images labeled, 0 failed, 5 shards written" in out
+    assert caplog.text.count("teacher compiled for batches of 4 at 64 px") == 1
+    assert "0 images labeled" in run(*eager_args, "--store", "compiled", "--compile")
+    assert caplog.text.count("teacher compiled") == 1
     read = {}
     for where in ("store", "compiled"):
         dataset = Store.open(where).dataset("toy")

@@ -91,3 +91,33 @@ def test_a_job_whose_labelset_is_complete_succeeds_at_once(cluster: Cluster):
         assert again["state"] == "succeeded" and again["labelset"] == first["labelset"]
         assert again["progress"]["images_done"] == 12 and "retry-after" not in r.headers
         assert again["agreement"] == first["agreement"] and first["agreement"]["images"] == 12
+
+
+def test_a_worker_compiling_its_teacher_labels_what_eager_does(cluster: Cluster, tmp_path):
+    """``LABELER_COMPILE_TEACHER`` in a real worker: inductor on this CPU, inside a Celery prefork
+    child, compiled in the first shard task for batches of 4 (the worker's 8, capped at a
+    shard) and reused by the others. Its labels are the eager ``labeler label``'s to rounding.
+    The time limit leaves room for a cold compile (~40 s here; the shape is the CLI test's)."""
+    cluster.settings.update(LABELER_COMPILE_TEACHER="true", LABELER_BATCH_SIZE="8",
+                            LABELER_VISIBILITY_TIMEOUT="600", LABELER_TASK_TIME_LIMIT="480",
+                            LABELER_LOG_LEVEL="INFO")
+    cluster.start_api()
+    cluster.start_worker()
+    cluster.register("toy", "toy")
+    with cluster.client() as client:
+        done = cluster.wait_job(client.post("/v1/jobs", json=JOB).json()["id"], timeout=480)
+    assert done["state"] == "succeeded", done
+    assert done["progress"]["images_done"] == 12 and done["progress"]["images_failed"] == 0
+    assert cluster.log("w0.log").count("teacher compiled for batches of 4 at 64 px") == 1
+
+    local = Store.open(tmp_path / "local")
+    local.add_dataset("toy", tmp_path / "data" / "toy")
+    label_dataset(local, "toy", "test_nfnet", tmp_path / "checkpoints" / "teacher.safetensors",
+                  64, 2, LabelingOptions(batch_size=3, num_workers=0, shard_size=4,
+                                         progress=False))
+    compiled = Store.open(tmp_path / "store").labelset(done["labelset"]).read_block(0, 12)
+    eager = local.labelset(done["labelset"]).read_block(0, 12)
+    np.testing.assert_array_equal(compiled.status, eager.status)
+    np.testing.assert_allclose(compiled.lse, eager.lse, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(compiled.logits, eager.logits, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(compiled.global_logits, eager.global_logits, rtol=1e-4, atol=1e-4)
