@@ -222,8 +222,9 @@ class TeacherRunner:
         """Make the whole step (normalisation, teacher, top-K, narrowing to the store's dtypes)
         one ``torch.compile``d graph for batches of ``batch_size``, compiled now on a batch of
         zeros, so that the first labeled batch does not pay for it. A smaller batch (a shard's
-        last) is padded to it rather than compiled again. A runner compiles once: later calls
-        keep the graph it has (minutes of compiling for NFNet-F6)."""
+        last) is padded to it rather than compiled again, and a larger one is labeled in pieces
+        of it. A runner compiles once: later calls keep the graph it has (minutes of compiling
+        for NFNet-F6)."""
         if self.compiled_batch is not None:
             return
         self.compiled_batch, self.step = batch_size, torch.compile(self.label_batch,
@@ -257,6 +258,12 @@ class TeacherRunner:
     def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
         """The label arrays of ``pixels`` (``LABEL_ARRAYS``), in the store's dtypes."""
         n = len(pixels)
+        if self.compiled_batch is not None and n > self.compiled_batch:
+            # Compiled for fewer (a runner kept from a label set of smaller shards): in pieces of
+            # the compiled size, as a new size would compile a new graph, for minutes.
+            parts = [self(pixels[i:i + self.compiled_batch])
+                     for i in range(0, n, self.compiled_batch)]
+            return {name: np.concatenate([part[name] for part in parts]) for name in LABEL_ARRAYS}
         pixels = pixels.to(self.device, non_blocking=True)
         if self.compiled_batch is not None and n < self.compiled_batch:
             pad = pixels.new_zeros((self.compiled_batch - n, *pixels.shape[1:]))

@@ -278,7 +278,7 @@ def give_up_shard(labelset, shard: int):
 @app.task(bind=True, base=LabelerTask, name=SHARD_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def label_shard(self, job_id: str, shard: int) -> None:
-    from labeler_service.labeling import LabelingReport, label_shards, largest_batch
+    from labeler_service.labeling import LabelingReport, label_shards
     from storage import ImageStatus
 
     client, store, jobs = services()
@@ -301,18 +301,20 @@ def label_shard(self, job_id: str, shard: int) -> None:
         began = time.perf_counter()
         input_size = request["teacher"]["input_size"]
         batch_size = get_settings().batch_size_for(input_size)
+        decoder = None
         try:
-            if get_settings().compile_teacher:  # once per process: later shards reuse the graph
-                runner.compile(largest_batch(labelset, batch_size), input_size)
+            if get_settings().compile_teacher:
+                # Once per process, for the shards this service makes (the runner outlives the
+                # label set: other shard sizes are padded to it, or labeled in pieces of it).
+                runner.compile(min(batch_size, get_settings().shard_size), input_size)
+            decoder = decoder_for(job.dataset, labelset.id, str(runner.device))
             report = label_shards(labelset, dataset_for(job.dataset), runner, [shard],
                                   replace(labeling_options(), batch_size=batch_size),
                                   should_stop=lambda: jobs.cancel_requested(job_id),
-                                  report=LabelingReport(labelset.id, 1),
-                                  decoder=decoder_for(job.dataset, labelset.id,
-                                                      str(runner.device)))
+                                  report=LabelingReport(labelset.id, 1), decoder=decoder)
         except Exception as e:
-            if decoder_for.cache_info().currsize:  # no decoding processes left behind
-                decoder_for(job.dataset, labelset.id, str(runner.device)).close()
+            if decoder is not None:  # no decoding processes left behind
+                decoder.close()
                 decoder_for.cache_clear()
             if isinstance(e, TRANSIENT) and self.request.retries < self.max_retries:
                 raise

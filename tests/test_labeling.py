@@ -184,6 +184,39 @@ def test_should_stop_ends_between_shards(store: Store, images: Path, checkpoint:
     assert labelset.pending_shards() == [2, 3, 4]
 
 
+def test_a_compiled_runner_pads_smaller_batches_and_splits_larger_ones(
+        checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    """Compiled for batches of 4, a runner labels 2 images padded to 4 and 10 in pieces of 4
+    (a runner a worker kept from a label set of smaller shards): each row's labels are the eager
+    runner's, and the graph is only ever called with 4. Dynamo is switched off, so the "compiled"
+    step is the eager one and what is tested is the runner's batching (inductor itself is
+    tested in test_cli.py and the service round trip)."""
+    from labeler_service.labeling import TeacherRunner
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    pixels = torch.randint(0, 256, (10, 64, 64, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    runners = []
+    for _ in range(2):
+        teacher, spec, _ = build_teacher("test_nfnet", checkpoint, 64)
+        runners.append(TeacherRunner(teacher, spec.mean, spec.std, 2, torch.device("cpu"),
+                                     "fp32"))
+    eager, compiled = runners
+    compiled.compile(4, 64)
+    step, shapes = compiled.step, []
+    compiled.step = lambda x: shapes.append(len(x)) or step(x)
+    for n in (2, 10):
+        expected, got = eager(pixels[:n]), compiled(pixels[:n])
+        for name in expected:
+            assert got[name].shape == expected[name].shape, name
+            np.testing.assert_allclose(got[name].astype(np.float32),
+                                       expected[name].astype(np.float32), rtol=1e-5, atol=1e-5,
+                                       err_msg=name)
+    assert shapes == [4, 4, 4, 4]
+    compiled.compile(8, 64)  # compiled once: the graph it has is kept
+    assert compiled.compiled_batch == 4
+
+
 def test_shard_tasks_read_only_their_shards_rows(
         store: Store, images: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """A worker holds the paths of the shards it is given, not the whole manifest (ImageNet-21k's

@@ -95,8 +95,8 @@ def test_a_job_whose_labelset_is_complete_succeeds_at_once(cluster: Cluster):
 
 def test_a_worker_compiling_its_teacher_labels_what_eager_does(cluster: Cluster, tmp_path):
     """``LABELER_COMPILE_TEACHER`` in a real worker: inductor on this CPU, inside a Celery prefork
-    child, compiled in the first shard task for batches of 4 (the worker's 8, capped at a
-    shard) and reused by the others. Its labels are the eager ``labeler label``'s to rounding.
+    child, compiled in the first shard task for batches of 4 (the worker's 8, capped at its
+    shard size) and reused by the others. Its labels are the eager ``labeler label``'s to rounding.
     The time limit leaves room for a cold compile (~40 s here; the shape is the CLI test's)."""
     cluster.settings.update(LABELER_COMPILE_TEACHER="true", LABELER_BATCH_SIZE="8",
                             LABELER_VISIBILITY_TIMEOUT="600", LABELER_TASK_TIME_LIMIT="480",
