@@ -215,7 +215,7 @@ class TeacherRunner:
         self.model_input = ModelInput(mean, std, device)
         specs = array_specs(topk, (1, 1), teacher.num_classes)
         self.dtypes = {name: getattr(torch, specs[name].dtype.name) for name in LABEL_ARRAYS}
-        self.compiled_batch: int | None = None  # the batch compiled for; smaller ones padded to it
+        self.compiled_batch: int | None = None  # set by compile: every step gets this many
         self.step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.label_batch
 
     def compile(self, batch_size: int, input_size: int) -> None:

@@ -43,9 +43,9 @@ class Settings(BaseSettings):
                                   "batch, at most: large inputs get smaller batches (2048 px: 2 "
                                   "images), so memory stays bounded whatever a job asks for.")
     precision: str = "bf16"
-    compile_teacher: bool = Field(False, description="torch.compile each teacher before its "
-                                  "first shard in a worker process, for the worker's batch "
-                                  "shape (minutes for NFNet-F6; see BENCHMARKS.md (b)).")
+    compile_teacher: bool = Field(False, description="torch.compile each teacher in its first "
+                                  "shard task in a worker process, for the batch size capped at "
+                                  "shard_size (minutes for NFNet-F6; see BENCHMARKS.md (b)).")
     decode_workers: int | None = None
     max_pixels: int | None = None
     shard_size: int = Field(1024, ge=1)

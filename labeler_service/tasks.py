@@ -299,14 +299,14 @@ def label_shard(self, job_id: str, shard: int) -> None:
                                    str(resolve_checkpoint(request["teacher"]["checkpoint"])),
                                    request["teacher"]["input_size"], request["topk"])
         began = time.perf_counter()
-        input_size = request["teacher"]["input_size"]
-        batch_size = get_settings().batch_size_for(input_size)
+        settings, input_size = get_settings(), request["teacher"]["input_size"]
+        batch_size = settings.batch_size_for(input_size)
         decoder = None
         try:
-            if get_settings().compile_teacher:
+            if settings.compile_teacher:
                 # Once per process, for the shards this service makes (the runner outlives the
                 # label set: other shard sizes are padded to it, or labeled in pieces of it).
-                runner.compile(min(batch_size, get_settings().shard_size), input_size)
+                runner.compile(min(batch_size, settings.shard_size), input_size)
             decoder = decoder_for(job.dataset, labelset.id, str(runner.device))
             report = label_shards(labelset, dataset_for(job.dataset), runner, [shard],
                                   replace(labeling_options(), batch_size=batch_size),

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import redis
 
-from labeler_service import keys
 from labeler_service.labeling import LabelingOptions, label_dataset
 from labeler_service.sample import make_sample_images
 from storage import ARRAY_NAMES, Store
@@ -50,16 +49,6 @@ def submit(cluster: Cluster) -> str:
 def shards_written(cluster: Cluster) -> int:
     return len([p for p in (cluster.root / "store").glob("datasets/toy/labels/*/status/c/*")
                 if p.name.isdigit()])
-
-
-def shards_started(cluster: Cluster, job_id: str) -> int:
-    """Shards whose labeling a task has begun (each delivery that found work is counted before
-    it labels: ``over_delivered``)."""
-    client = redis.Redis.from_url(cluster.redis_url)
-    try:
-        return client.hlen(keys.job_deliveries(job_id))
-    finally:
-        client.close()
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
