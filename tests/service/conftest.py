@@ -1,5 +1,6 @@
-"""The service for real: Redis at 127.0.0.1:6379 (db 11, emptied per test), the API served by
-uvicorn in a subprocess, and ``celery worker`` subprocesses, each in its own process group."""
+"""The service for real: Redis at 127.0.0.1:6379 (db 11 unless TOKENLABEL_TEST_REDIS_URL names
+another, emptied per test), the API served by uvicorn in a subprocess, and ``celery worker``
+subprocesses, each in its own process group."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from labeler_service import keys
 from labeler_service.sample import make_random_checkpoint, make_sample_images
 from storage import LabelSetConfig, Store, TeacherSpec
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+# Another db lets two test runs share one Redis server without emptying each other's.
+REDIS_URL = os.environ.get("TOKENLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
