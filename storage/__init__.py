@@ -3,7 +3,10 @@
 from storage.dataset import Dataset
 from storage.errors import (
     DatasetChangedError,
+    DatasetUnfinished,
+    FolderChangedDuringScan,
     LabelSetMismatchError,
+    ManifestDamaged,
     ShardUnreadable,
     StoreError,
 )
@@ -28,12 +31,15 @@ __all__ = [
     "LABEL_ARRAYS",
     "Dataset",
     "DatasetChangedError",
+    "DatasetUnfinished",
+    "FolderChangedDuringScan",
     "ImageStatus",
     "LabelBlock",
     "LabelSet",
     "LabelSetConfig",
     "LabelSetMismatchError",
     "Manifest",
+    "ManifestDamaged",
     "PathColumn",
     "ShardUnreadable",
     "Store",

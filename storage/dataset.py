@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.errors import StoreError
+from storage.errors import DatasetUnfinished, ManifestDamaged, StoreError
 from storage.labelset import LabelSet, LabelSetConfig
 from storage.manifest import Manifest, PathColumn, manifest_fingerprint
 from storage.splits import split_bucket
@@ -34,8 +34,9 @@ class Dataset:
         self.group = group
         self.attrs: dict[str, Any] = group.attrs.asdict()
         if "fingerprint" not in self.attrs:
-            raise StoreError(f"dataset at {group.path} is incomplete (its registration did not "
-                             "finish); register it again")
+            raise DatasetUnfinished(f"dataset {group.basename!r} is unfinished: its registration "
+                                    "is in progress, paused, or was interrupted (registering it "
+                                    "again finishes or replaces it)")
         self.name: str = self.attrs["name"]
         self.num_images: int = self.attrs["num_images"]
         self.fingerprint: str = self.attrs["fingerprint"]
@@ -58,9 +59,11 @@ class Dataset:
         write_column(columns, "sha256", manifest.sha256)
         for stored, attr in NUMBER_COLUMNS.items():
             write_column(columns, stored, getattr(manifest, attr))
+        if manifest.size is not None:
+            write_column(columns, "size", manifest.size)
         write_column(columns, "bucket", split_bucket(manifest.path))
         group.require_group("labels")
-        group.update_attributes({  # one write: MutableMapping.update would write per key
+        attrs = {
             "kind": "dataset",
             "name": name,
             "num_images": n,
@@ -70,7 +73,11 @@ class Dataset:
             "manifest_version": MANIFEST_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "code_version": code_version,
-        })
+        }
+        if manifest.skipped is not None and manifest.skipped.count:
+            attrs["skipped_names"] = {"count": manifest.skipped.count,
+                                      "examples": manifest.skipped.examples}
+        group.update_attributes(attrs)  # one write: MutableMapping.update would write per key
         return cls(group, code_version)
 
     @property
@@ -95,6 +102,12 @@ class Dataset:
         low = int(ends[0]) if start else 0
         ends = ends[1:] if start else ends
         data = np.asarray(columns["path_utf8"][low:int(ends[-1])], dtype=np.uint8)
+        # Offsets out of order or past the bytes would give paths glued together or cut short,
+        # for images said to be labeled: refuse them (O(rows read), nothing more).
+        if low < 0 or len(ends) != stop - start or len(data) != int(ends[-1]) - low or \
+                (np.diff(ends, prepend=low) <= 0).any():
+            raise ManifestDamaged(self.name, f"path offsets of rows [{start}, {stop}) are out "
+                                             "of order or past the path bytes")
         return PathColumn(data, ends - low if low else ends)  # no copy of a whole column
 
     def sha256(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -102,9 +115,31 @@ class Dataset:
         start, stop = self._rows(start, stop)
         values = self._columns["sha256"][start:stop]
         if self.manifest_version == 1:
-            return np.frombuffer(bytes.fromhex("".join(values.tolist())),
-                                 np.uint8).reshape(-1, 32)
+            hexes = values.tolist()
+            if any(len(h) != 64 for h in hexes):
+                raise ManifestDamaged(self.name, "a sha256 string is not 64 hex digits")
+            try:
+                return np.frombuffer(bytes.fromhex("".join(hexes)), np.uint8).reshape(-1, 32)
+            except ValueError:
+                raise ManifestDamaged(self.name, "a sha256 string is not hex") from None
+        if values.shape != (stop - start, 32):
+            raise ManifestDamaged(self.name, f"the sha256 column has shape "
+                                             f"{self._columns['sha256'].shape}, not "
+                                             f"({self.num_images}, 32)")
         return np.asarray(values, dtype=np.uint8)
+
+    def sizes(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """The registered byte sizes of rows [start, stop), int64; None for a dataset
+        registered before sizes were recorded (readers then cap nothing by size)."""
+        start, stop = self._rows(start, stop)
+        columns = self._columns
+        if "size" not in columns.array_keys():
+            return None
+        values = np.asarray(columns["size"][start:stop], dtype=np.int64)
+        if values.shape != (stop - start,):
+            raise ManifestDamaged(self.name, f"the size column has shape "
+                                             f"{columns['size'].shape}, not ({self.num_images},)")
+        return values
 
     def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """A number column (``width``, ``height``, ``class``) of rows [start, stop), int32."""
@@ -119,7 +154,8 @@ class Dataset:
         return Manifest(self.paths(start, stop), self.sha256(start, stop),
                         width=self.column("width", start, stop),
                         height=self.column("height", start, stop),
-                        label=self.column("class", start, stop), class_names=self.class_names)
+                        label=self.column("class", start, stop), class_names=self.class_names,
+                        size=self.sizes(start, stop))
 
     def manifest_chunks(self, rows: int = MANIFEST_CHUNK * 16) -> Iterator[Manifest]:
         """The whole manifest as consecutive chunks of ``rows`` rows: bounded memory."""

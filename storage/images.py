@@ -40,13 +40,16 @@ class ImageRejected(Exception):
 
 
 def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
-                     root: Path | str | None = None) -> bytes:
+                     root: Path | str | None = None, expected_size: int | None = None) -> bytes:
     """The bytes of image file ``path``, or :class:`ImageRejected` saying why not.
 
     Only a regular file is read, and opening never blocks: a FIFO, device or directory put where
     an image was is refused, not waited on. With ``root``, a path that resolves outside it (a
     symlink placed after registration) is refused: reads are confined when they happen, not
-    only when the folder was scanned. ``expected_sha256`` is the raw digest the manifest holds.
+    only when the folder was scanned. ``expected_sha256`` is the raw digest the manifest holds,
+    ``expected_size`` its byte size: a file of another size has changed and is refused before
+    it is read, and no more than that is ever read (a file growing while read included), so a
+    multi-GB file put where an image was costs nothing.
     """
     if isinstance(expected_sha256, str):  # a hex digest would never match: say so, loudly
         raise TypeError("expected_sha256 is the raw 32-byte digest, not its hex")
@@ -61,16 +64,23 @@ def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
     except OSError as e:
         raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ImageRejected(ImageStatus.NOT_A_FILE, f"{path}: not a regular file")
+        if expected_size is not None and info.st_size != expected_size:
+            raise ImageRejected(ImageStatus.CHANGED_FILE,
+                                f"{path}: {info.st_size} bytes, registered as {expected_size}")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
+            data = f.read() if expected_size is None else f.read(expected_size + 1)
     except OSError as e:
         raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
     finally:
         os.close(fd)
     if not data:
         raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
+    if expected_size is not None and len(data) != expected_size:
+        raise ImageRejected(ImageStatus.CHANGED_FILE,
+                            f"{path}: contents differ from the registered manifest")
     if expected_sha256 is not None and hashlib.sha256(data).digest() != expected_sha256:
         raise ImageRejected(ImageStatus.CHANGED_FILE,
                             f"{path}: contents differ from the registered manifest")

@@ -119,6 +119,7 @@ class LabelBlock:
 
 # Attrs added after labeling, by ``LabelSet.record_summary`` (see docs/store-format.md).
 SUMMARY_ATTRS = ("agreement", "label_quality", "completion")
+IMPORTED_SOURCE = "tokenlabeling-import"  # the ``source`` attr of imported label sets
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,29 @@ class LabelSet:
             return True
         return not self.pending_shards()
 
+    # -- what the labels hold -----------------------------------------------------------------
+
+    @property
+    def imported(self) -> bool:
+        """Labels imported from the public TokenLabeling files: no logsumexp, no image-level
+        labels (their arrays hold fill values)."""
+        return self.attrs.get("source") == IMPORTED_SOURCE
+
+    def damaged(self, block: LabelBlock) -> np.ndarray:
+        """Images of ``block`` whose status says labeled but whose labels are not all there,
+        bool [n]: top-K logits not finite, or classes outside [0, num_classes); and for labels
+        this project made (imported ones have neither) a missing logsumexp or image-level
+        top-K. What ``labeler store verify`` checks, and what serving and training refuse: a
+        shard object lost or emptied under a status record that survived."""
+        classes_ok = ((block.classes >= 0) & (block.classes < self.teacher.num_classes)).all(
+            axis=(1, 2, 3))
+        whole = np.isfinite(block.logits).all(axis=(1, 2, 3)) & classes_ok
+        if not self.imported:
+            whole &= (np.isfinite(block.lse).all(axis=(1, 2))
+                      & np.isfinite(block.global_logits).all(axis=1)
+                      & (block.global_classes >= 0).all(axis=1))
+        return (block.status == ImageStatus.LABELED) & ~whole
+
     # -- the completion summary ---------------------------------------------------------------
 
     def completion(self) -> dict[str, Any] | None:
@@ -373,7 +397,28 @@ class LabelSet:
         ever goes from incomplete to complete by writers finishing shards, so concurrent writers
         can only each write the same summary."""
         summary = self.attrs.get("completion")
-        return summary if isinstance(summary, dict) else None
+        return summary if self._is_consistent_completion(summary) else None
+
+    def _is_consistent_completion(self, summary: Any) -> bool:
+        """Whether a completion summary is one this label set could have: its image and shard
+        counts, and per-status counts (non-pending codes, non-negative) that add up to every
+        image. Anything else (hand-edited, written by broken code) is ignored, as if absent:
+        readers then go to the status records. A summary that is well formed but false can only
+        be told from the records: ``labeler store verify`` compares them, and a repair job or
+        ``verify --repair`` rebuilds it."""
+        if not isinstance(summary, dict) or summary.get("images") != self.num_images or \
+                summary.get("shards") != self.num_shards:
+            return False
+        counts = summary.get("counts")
+        if not isinstance(counts, dict):
+            return False
+        total = 0
+        for code, count in counts.items():
+            if not (isinstance(code, str) and code.isdigit() and type(count) is int
+                    and count >= 0 and int(code) <= np.iinfo(np.int8).max):
+                return False
+            total += count
+        return total == self.num_images
 
     def images_failed(self) -> int:
         """Images with a failure status: from the completion summary when recorded, else from
@@ -400,11 +445,13 @@ class LabelSet:
         return summary
 
     def drop_completion(self) -> None:
-        """Remove the completion summary (before any shard is written again)."""
-        if self.completion() is not None:
-            fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+")
+        """Remove the completion summary (before any shard is written again). Read afresh, not
+        from the attrs this label set was opened with: another writer may have recorded it
+        since, and a rewrite must never leave a summary that claims the old counts."""
+        fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+")
+        if "completion" in fresh.attrs.asdict():
             fresh.attrs.pop("completion", None)  # one write: the document without it
-            self.attrs.pop("completion", None)
+        self.attrs.pop("completion", None)
 
     def record_completion(self) -> dict[str, Any] | None:
         """Write the completion summary if the label set is complete (read from the status

@@ -11,20 +11,24 @@ import functools
 import hashlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import stat
 import sys
+import threading
 import warnings
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, overload
 
 import numpy as np
 from PIL import Image, TiffImagePlugin
+
+from storage.errors import FolderChangedDuringScan
 
 # Lower-cased suffixes that are listed as images. Files with these suffixes that turn out not to be
 # images are still listed: they get a failure status when labeled rather than vanishing silently.
@@ -138,13 +142,16 @@ class Manifest:
     height: np.ndarray  # int32, after EXIF orientation; -1 when unreadable
     label: np.ndarray  # int32 class index; -1 when unknown
     class_names: tuple[str, ...] = ()
+    size: np.ndarray | None = None  # int64 file size in bytes; None: not recorded (older stores)
+    skipped: SkippedNames | None = None  # names the scan could not list (never in a fingerprint)
 
     def __len__(self) -> int:
         return len(self.path)
 
     def rows(self, start: int, stop: int) -> Manifest:
         return Manifest(self.path[start:stop], self.sha256[start:stop], self.width[start:stop],
-                        self.height[start:stop], self.label[start:stop], self.class_names)
+                        self.height[start:stop], self.label[start:stop], self.class_names,
+                        None if self.size is None else self.size[start:stop])
 
     def sha256_hex(self, index: int) -> str:
         return self.sha256[index].tobytes().hex()
@@ -191,20 +198,54 @@ def is_image_path(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+# C0 controls and DEL. The fingerprint joins fields with \x1f and rows with \x1e: with these
+# out of every path and class name its encoding is unambiguous (two folders, one fingerprint,
+# otherwise), and a name holding a newline or an escape breaks every log and listing it is in.
+_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+
+
+def is_listable_name(name: str) -> bool:
+    """Whether a file or directory name can be a manifest path's part: UTF-8 text (the OS gave
+    no undecodable bytes, which Python keeps as surrogates) without control characters."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return _CONTROL.isdisjoint(name)
+
+
+@dataclass
+class SkippedNames:
+    """Files and directories a scan left out because their names cannot be manifest paths
+    (:func:`is_listable_name`): how many, and the first few (escaped, so they print safely)."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+    MAX_EXAMPLES = 5
+
+    def add(self, relative: str) -> None:
+        self.count += 1
+        if len(self.examples) < self.MAX_EXAMPLES:
+            self.examples.append(ascii(relative)[1:-1])
+
+    def describe(self) -> str:
+        return (f"skipped {self.count} file(s) or folder(s) whose names are not UTF-8 text or "
+                f"hold control characters: {', '.join(self.examples)}"
+                f"{', ...' if self.count > len(self.examples) else ''}")
+
+
 class FileOutsideRoot(ValueError):
     """A file in the folder is a symlink to somewhere outside the permitted root."""
 
 
 def _is_regular_file(path: str) -> bool:
     """Whether ``path`` (following symlinks) is a regular file. Unlike ``os.path.isfile``, an
-    error other than a dangling symlink raises: a file that cannot be looked at (EACCES, EIO,
-    ESTALE) must not silently drop out of a dataset."""
+    error other than the file not being there raises: a file that cannot be looked at (EACCES,
+    EIO, ESTALE) must not silently drop out of a dataset."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except FileNotFoundError:
-        if os.path.islink(path):
-            return False  # dangling symlink
-        raise
+        return False  # a dangling symlink, or a file deleted since its directory was listed
 
 
 @dataclass(frozen=True)
@@ -214,6 +255,7 @@ class ImageListing:
     paths: PathColumn
     top_dir: np.ndarray  # int32 index into top_dirs; -1 for a file directly in the folder
     top_dirs: tuple[str, ...]  # first-level directories holding images, in listing order
+    skipped: SkippedNames = field(default_factory=SkippedNames)
 
     def classes(self) -> tuple[tuple[str, ...], np.ndarray]:
         """(class names, each image's class): the sorted first-level directory names when every
@@ -235,7 +277,7 @@ class ImageListing:
 
 @dataclass
 class PartialScan:
-    """The first rows of an unfinished scan (sha256, width, height of rows [0, k)) and the
+    """The first rows of an unfinished scan (sha256, width, height, size of rows [0, k)) and the
     listing they belong to (:meth:`ImageListing.digest`). A scan given one goes on from row k
     when the folder lists the same files, and starts over otherwise."""
 
@@ -243,6 +285,7 @@ class PartialScan:
     sha256: np.ndarray  # uint8 [k, 32]
     width: np.ndarray  # int32 [k]
     height: np.ndarray  # int32 [k]
+    size: np.ndarray  # int64 [k]
 
     def __len__(self) -> int:
         return len(self.width)
@@ -263,33 +306,53 @@ def list_image_files(root: Path, confine_to: str | Path | None = None,
 
     The tree is walked in that order (within a directory, a subdirectory ``d`` sorts as
     ``d/``), so the listing streams into a compact :class:`PathColumn` and is never held as
-    millions of Python strings. Hidden files and directories are skipped, and so are symlinks
-    to directories (never followed) and dangling symlinks; a file that cannot be looked at
-    raises. With ``confine_to``, a file that resolves (through a symlink) outside that directory
-    is refused: the service reads only its data root. A directory that cannot be listed
-    (permissions, I/O error) raises its ``OSError``: skipping it would register a dataset
-    silently missing its images. ``progress(0, None)`` is called once per directory listed.
+    millions of Python strings. The walk keeps its own stack, so a folder nested thousands of
+    levels deep is listed like any other. Hidden files and directories are skipped, and so are
+    symlinks to directories (never followed) and dangling symlinks; names that cannot be a
+    manifest path (:func:`is_listable_name`) are skipped and counted in the listing's
+    ``skipped``; a file that cannot be looked at raises. With ``confine_to``, a file that
+    resolves (through a symlink) outside that directory is refused: the service reads only its
+    data root. A directory that cannot be listed (permissions, I/O error) raises its
+    ``OSError``: skipping it would register a dataset silently missing its images.
+    ``progress(0, None)`` is called once per directory listed.
     """
     limit = Path(confine_to).resolve() if confine_to is not None else None
     top_dirs: list[str] = []
     top_dir = array("i")
+    skipped = SkippedNames()
 
-    def walk(directory: str, rel: str, top: int) -> Iterator[str]:
+    def entries(directory: str, rel: str) -> Iterator[tuple[str, os.DirEntry]]:
+        """The directory's visible entries in walk order, as (sort key, entry)."""
         if progress is not None:
             progress(0, None)
+        listed = []
         with os.scandir(directory) as listing:
-            entries = sorted(((e.name + "/" if _is_walked_dir(e) else e.name, e)
-                              for e in listing if not e.name.startswith(".")),
-                             key=lambda pair: pair[0])
-        for key, entry in entries:
+            for entry in listing:
+                if entry.name.startswith("."):
+                    continue
+                if not is_listable_name(entry.name):
+                    skipped.add(rel + entry.name)
+                    continue
+                listed.append((entry.name + "/" if _is_walked_dir(entry) else entry.name,
+                               entry))
+        return iter(sorted(listed, key=lambda pair: pair[0]))
+
+    def walk() -> Iterator[str]:
+        # (entries left, relative prefix, first-level directory index) per open directory
+        stack = [(entries(os.fspath(root), ""), "", -1)]
+        while stack:
+            remaining, rel, top = stack[-1]
+            item = next(remaining, None)
+            if item is None:
+                stack.pop()
+                continue
+            key, entry = item
             name = f"{rel}{entry.name}"
             if key.endswith("/"):
                 if top < 0 and not rel:
                     top_dirs.append(entry.name)
-                    below = walk(entry.path, f"{name}/", len(top_dirs) - 1)
-                else:
-                    below = walk(entry.path, f"{name}/", top)
-                yield from below
+                    top = len(top_dirs) - 1
+                stack.append((entries(entry.path, f"{name}/"), f"{name}/", top))
             elif is_image_path(entry.name) and _is_regular_file(entry.path):
                 if limit is not None and not Path(os.path.realpath(entry.path)).is_relative_to(
                         limit):
@@ -297,12 +360,12 @@ def list_image_files(root: Path, confine_to: str | Path | None = None,
                 top_dir.append(top)
                 yield name
 
-    paths = PathColumn.from_strings(walk(os.fspath(root), "", -1))
+    paths = PathColumn.from_strings(walk())
     used = sorted(set(top_dir))  # first-level directories without images are no classes
     renumber = np.full(len(top_dirs) + 1, -1, np.int32)
     renumber[[t for t in used if t >= 0]] = np.arange(sum(t >= 0 for t in used))
     return ImageListing(paths, renumber[np.frombuffer(top_dir, np.int32)],
-                        tuple(top_dirs[t] for t in used if t >= 0))
+                        tuple(top_dirs[t] for t in used if t >= 0), skipped)
 
 
 def _is_walked_dir(entry: os.DirEntry) -> bool:
@@ -313,31 +376,43 @@ def _is_walked_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def probe_image(path: Path) -> tuple[bytes, int, int]:
-    """Raw sha256 digest of the file and its (width, height) after EXIF orientation (-1: unread).
+def probe_image(path: Path) -> tuple[bytes, int, int, int]:
+    """Raw sha256 digest of the file, its (width, height) after EXIF orientation (-1: unread)
+    and its size in bytes.
 
-    Reads headers only, never pixels: a few-kB PNG can claim hundreds of megapixels. Callers that
-    want Pillow's bomb and EXIF warnings silenced do so around the call (``scan_image_folder``).
+    Hashes in blocks (a multi-GB file named .png costs a block of memory, not its size) and
+    reads headers only, never pixels: a few-kB PNG can claim hundreds of megapixels. Callers
+    that want Pillow's bomb and EXIF warnings silenced do so around the call
+    (``scan_image_folder``). A file gone since it was listed raises
+    :class:`FolderChangedDuringScan`.
     """
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).digest()
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if isinstance(img, TiffImagePlugin.TiffImageFile):
-                # Recent Pillow reports a TIFF's size already oriented (it orients the pixels on
-                # load), so swapping below would undo it; the stored dimensions are unoriented
-                # on every Pillow version.
-                width = img.tag_v2.get(_TIFF_WIDTH, width)
-                height = img.tag_v2.get(_TIFF_HEIGHT, height)
-            # Image.getexif, not img.getexif: PngImageFile.getexif decodes every pixel to look for
-            # an eXIf chunk after the image data. The base method reads what the header parsing
-            # found (eXIf before IDAT, where encoders put it), so probing costs no decode.
-            if Image.Image.getexif(img).get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
-                width, height = height, width
-    except Exception:
-        width = height = -1
-    return digest, width, height
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the header is parsed
+    except FileNotFoundError:
+        raise FolderChangedDuringScan(
+            f"{path}: was listed, then gone before it was hashed; the folder changed while it "
+            "was scanned: register it again once it stops changing") from None
+    with f:
+        digest = hashlib.file_digest(f, "sha256").digest()
+        size = f.tell()
+        f.seek(0)
+        try:
+            with Image.open(f) as img:
+                width, height = img.size
+                if isinstance(img, TiffImagePlugin.TiffImageFile):
+                    # Recent Pillow reports a TIFF's size already oriented (it orients the pixels
+                    # on load), so swapping below would undo it; the stored dimensions are
+                    # unoriented on every Pillow version.
+                    width = img.tag_v2.get(_TIFF_WIDTH, width)
+                    height = img.tag_v2.get(_TIFF_HEIGHT, height)
+                # Image.getexif, not img.getexif: PngImageFile.getexif decodes every pixel to look
+                # for an eXIf chunk after the image data. The base method reads what the header
+                # parsing found (eXIf before IDAT, where encoders put it): probing costs no decode.
+                if Image.Image.getexif(img).get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+                    width, height = height, width
+        except Exception:
+            width = height = -1
+    return digest, width, height, size
 
 
 T = TypeVar("T")
@@ -357,18 +432,32 @@ def _start_hashing_process(threads: int) -> None:
     global _process_pool
     warnings.simplefilter("ignore")  # this process's own filters: bomb and EXIF warnings
     _process_pool = ThreadPoolExecutor(max_workers=threads)
+    # A hashing process lives only as long as the process that started it. A Celery task killed
+    # at its hard time limit (SIGKILL) never shuts its pool down, and its hashing processes
+    # would hash on, orphaned, for as long as the folder takes.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True,
+                         name="exit-with-parent").start()
 
 
-def probe_batch(root: Path, paths: list[str]) -> tuple[bytes, bytes, bytes]:
-    """``probe_image`` over a batch, in a hashing process: (digests, widths, heights) as the
-    bytes of the scan's columns, so results cross the process boundary as three buffers."""
+def _exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # readable once the parent is gone
+    os._exit(1)
+
+
+def probe_batch(root: Path, paths: list[str]) -> tuple[bytes, bytes, bytes, bytes]:
+    """``probe_image`` over a batch, in a hashing process: (digests, widths, heights, sizes) as
+    the bytes of the scan's columns, so results cross the process boundary as four buffers."""
     assert _process_pool is not None, "probe_batch runs in a hashing process"
-    digests, widths, heights = bytearray(), array("i"), array("i")
-    for digest, width, height in _process_pool.map(lambda p: probe_image(root / p), paths):
+    digests, widths, heights, sizes = bytearray(), array("i"), array("i"), array("q")
+    for digest, width, height, size in _process_pool.map(lambda p: probe_image(root / p),
+                                                         paths):
         digests += digest
         widths.append(width)
         heights.append(height)
-    return bytes(digests), widths.tobytes(), heights.tobytes()
+        sizes.append(size)
+    return bytes(digests), widths.tobytes(), heights.tobytes(), sizes.tobytes()
 
 
 def _batches(paths: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -418,7 +507,7 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
         raise NotADirectoryError(f"{root} is not a directory")
     listing = list_image_files(root, confine_to, progress)
     total = len(listing.paths)
-    digests, widths, heights = bytearray(), array("i"), array("i")
+    digests, widths, heights, sizes = bytearray(), array("i"), array("i"), array("q")
     # The listing's digest, once: a sha256 over every path (~1 GB of them at ImageNet-21k).
     listing_digest = listing.digest() if resume is not None else None
     if resume is not None and len(resume) <= total and resume.listing == listing_digest:
@@ -427,6 +516,7 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
         digests += np.ascontiguousarray(resume.sha256, np.uint8).reshape(-1).data
         widths.frombytes(np.ascontiguousarray(resume.width, np.int32).data.cast("B"))
         heights.frombytes(np.ascontiguousarray(resume.height, np.int32).data.cast("B"))
+        sizes.frombytes(np.ascontiguousarray(resume.size, np.int64).data.cast("B"))
     resumed = len(widths)
     # Hashing and header parsing are I/O bound: threads overlap them (hashlib releases the GIL).
     # Warnings are silenced here, once, in this thread: catch_warnings swaps a process-global
@@ -449,17 +539,19 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
         else:
             pool = ThreadPoolExecutor(max_workers=max_workers)
             results = ((digest, width.to_bytes(4, sys.byteorder, signed=True),
-                        height.to_bytes(4, sys.byteorder, signed=True))
-                       for digest, width, height in ordered_map(
+                        height.to_bytes(4, sys.byteorder, signed=True),
+                        size.to_bytes(8, sys.byteorder, signed=True))
+                       for digest, width, height, size in ordered_map(
                            pool, lambda p: probe_image(root / p), listing.paths[resumed:],
                            window=SCAN_WINDOW_PER_WORKER * max_workers))
         try:
             if progress is not None:
                 progress(resumed, total)
-            for digest, width, height in results:  # one file, or a process's batch
+            for digest, width, height, size in results:  # one file, or a process's batch
                 digests += digest
                 widths.frombytes(width)
                 heights.frombytes(height)
+                sizes.frombytes(size)
                 if progress is not None:
                     progress(len(widths), total)
         except ScanPaused as paused:
@@ -467,7 +559,8 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
             paused.partial = PartialScan(
                 listing_digest or listing.digest(),
                 np.frombuffer(digests, np.uint8).reshape(-1, 32),
-                np.frombuffer(widths, np.int32), np.frombuffer(heights, np.int32))
+                np.frombuffer(widths, np.int32), np.frombuffer(heights, np.int32),
+                np.frombuffer(sizes, np.int64))
             raise
         finally:
             # On an error (an unreadable file, progress raising) drop the files not started yet
@@ -482,4 +575,6 @@ def scan_image_folder(root: Path, max_workers: int = 8, confine_to: str | Path |
         height=np.frombuffer(heights, np.int32),
         label=labels,
         class_names=class_names,
+        size=np.frombuffer(sizes, np.int64),
+        skipped=listing.skipped,
     )

@@ -22,6 +22,7 @@ from storage.manifest import Manifest, PartialScan, Progress, ScanPaused, scan_i
 FORMAT = "tokenlabel-store"
 FORMAT_VERSION = 2  # docs/store-format.md; 2: compact manifests (dataset manifest_version 2)
 SCAN_GROUP = "scan"  # datasets/<name>/scan/: a paused registration's rows (store-format.md)
+PARTIAL_SCAN_COLUMNS = ("sha256", "width", "height", "size")  # PartialScan's, as stored
 READABLE_VERSIONS = (1, 2)  # a version-1 store's datasets keep their layout and stay readable
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -174,14 +175,16 @@ class Store:
             if scan.attrs.get("key") != key or not isinstance(rows, int) or \
                     not isinstance(listing, str):
                 return None  # a pause that did not finish writing: start over
-            columns = {column: scan[column][:rows] for column in ("sha256", "width", "height")}
+            # a pause kept before sizes were recorded has no size column: start over
+            columns = {column: scan[column][:rows] for column in PARTIAL_SCAN_COLUMNS}
         except (KeyError, ValueError, OSError):
             return None
         if any(len(column) != rows for column in columns.values()):
             return None
         return PartialScan(listing, np.asarray(columns["sha256"], np.uint8),
                            np.asarray(columns["width"], np.int32),
-                           np.asarray(columns["height"], np.int32))
+                           np.asarray(columns["height"], np.int32),
+                           np.asarray(columns["size"], np.int64))
 
     def _keep_partial_scan(self, name: str, partial: PartialScan, key: str) -> None:
         group = self.root["datasets"].require_group(name)  # no attrs: an unfinished dataset
@@ -189,7 +192,7 @@ class Store:
             return
         scan = group.require_group(SCAN_GROUP)
         scan.update_attributes({"rows": None, "listing": None, "key": None})  # until rewritten
-        for column in ("sha256", "width", "height"):
+        for column in PARTIAL_SCAN_COLUMNS:
             write_column(scan, column, getattr(partial, column))
         scan.update_attributes({"rows": len(partial), "listing": partial.listing, "key": key})
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage import FORMAT, FORMAT_VERSION, PathColumn, Store, StoreError
+from storage import FORMAT, FORMAT_VERSION, DatasetUnfinished, PathColumn, Store, StoreError
 from storage import dataset as dataset_module
 from storage.manifest import list_image_files, scan_image_folder
 from storage.verify import verify_store
@@ -231,7 +231,7 @@ def test_a_paused_scan_goes_on_from_its_kept_rows(tmp_path: Path, images: Path, 
         with pytest.raises(ScanPaused):
             store.add_dataset("toy", images, progress=pause_at(reached), resume_key="attempt-1")
         assert len(store.partial_scan("toy", "attempt-1")) == reached
-        with pytest.raises(StoreError, match="incomplete"):
+        with pytest.raises(DatasetUnfinished, match="unfinished"):
             store.dataset("toy")  # an unfinished registration, as before
     assert store.partial_scan("toy", "another attempt") is None
 

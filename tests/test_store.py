@@ -14,6 +14,7 @@ from storage import (
     FORMAT_VERSION,
     LABEL_ARRAYS,
     DatasetChangedError,
+    DatasetUnfinished,
     ImageStatus,
     LabelBlock,
     LabelSetConfig,
@@ -172,7 +173,7 @@ def test_register_unchanged_is_noop_and_changed_is_refused(store: Store, images:
 
 def test_interrupted_registration_can_be_redone(store: Store, images: Path):
     store.root["datasets"].require_group("toy")  # as left by a crash before the attrs
-    with pytest.raises(StoreError, match="incomplete"):
+    with pytest.raises(DatasetUnfinished, match="unfinished"):
         store.dataset("toy")
     dataset, created = store.add_dataset("toy", images)
     assert created and dataset.num_images == 18
