@@ -98,14 +98,18 @@ class Dataset:
             return PathColumn.from_strings(columns["path"][start:stop].tolist())
         if start == stop:
             return PathColumn(np.zeros(0, np.uint8), np.zeros(0, np.int64))
-        ends = np.asarray(columns["path_end"][max(0, start - 1):stop], dtype=np.int64)
-        low = int(ends[0]) if start else 0
-        ends = ends[1:] if start else ends
+        # The offsets before and after the rows too: each row's path is checked against both
+        # of its neighbours, so two swapped offsets are caught from either row.
+        around = np.asarray(columns["path_end"][max(0, start - 1):stop + 1], dtype=np.int64)
+        low = int(around[0]) if start else 0
+        ends = around[1 if start else 0:][:stop - start]
+        following = around[len(ends) + (1 if start else 0):]
         data = np.asarray(columns["path_utf8"][low:int(ends[-1])], dtype=np.uint8)
         # Offsets out of order or past the bytes would give paths glued together or cut short,
         # for images said to be labeled: refuse them (O(rows read), nothing more).
         if low < 0 or len(ends) != stop - start or len(data) != int(ends[-1]) - low or \
-                (np.diff(ends, prepend=low) <= 0).any():
+                (np.diff(ends, prepend=low) <= 0).any() or \
+                (len(following) and following[0] <= ends[-1]):
             raise ManifestDamaged(self.name, f"path offsets of rows [{start}, {stop}) are out "
                                              "of order or past the path bytes")
         return PathColumn(data, ends - low if low else ends)  # no copy of a whole column
