@@ -27,7 +27,7 @@ import zarr
 
 from labeler_service import keys
 from labeler_service.keys import now
-from storage import LabelSet, Store, StoreError
+from storage import Dataset, LabelSet, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ STATES = ACTIVE_STATES + TERMINAL_STATES
 # Returns -1 if the job is gone (Redis emptied), 0 if already counted, 1 if counted, 2 if every
 # shard is counted and the job is still running: the caller completes it (measures the label
 # set, then succeeds). A repeated last shard answers 2 again, so a worker lost between the last
-# shard and completing the job leaves it to the redelivered task, not running for ever.
+# shard and completing the job leaves it to the redelivered task, not running for ever. 3 if this
+# shard was the last one and the job had already ended (cancelled while its last shard was being
+# written): the label set is complete and no one else will record its summaries.
 _SHARD_DONE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local added = redis.call('SADD', KEYS[2], ARGV[1])
@@ -51,8 +53,10 @@ if added == 1 then
 end
 local done = tonumber(redis.call('HGET', KEYS[1], 'shards_done') or '0')
 local total = tonumber(redis.call('HGET', KEYS[1], 'shards_total') or '-1')
-if total >= 0 and done >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
-  return 2
+if total >= 0 and done >= total then
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state == 'running' then return 2 end
+  if added == 1 and (state == 'cancelled' or state == 'failed') then return 3 end
 end
 return added
 """
@@ -79,26 +83,44 @@ return 1
 """
 
 
+# What counting a shard leaves its caller to do (JobStore.shard_done).
+COMPLETE_JOB = "complete the job"
+LABELSET_DONE = "record the label set's summaries"
+
 # Request fields that do not change which label set a job makes.
 NOT_IDENTITY = ("retry_failed", "repair")
+
+
+def file_signature(path: Path) -> list[str | int]:
+    """What tells a file's contents apart without reading them: its path, size, mtime, ctime
+    and inode. A file rewritten in place has a new ctime even when its size and mtime are put
+    back (setting the mtime is itself a change the ctime records), and a file replaced by
+    another has a new inode, so a checkpoint is hashed once, at planning, never per request.
+    (No device number: the API and the workers may see one file system under different ones.)"""
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 class Resolutions:
     """Which label set a request resolved to, as planning recorded it: in Redis and in the
     store (``index/resolved/<identity>``), so that a job whose label set is already complete
-    succeeds at once, even after Redis lost its keys and with no worker running."""
+    succeeds at once, even after Redis lost its keys and with no worker running.
+
+    Planning hashes the checkpoint (its sha256 is in the label set's id) and records the
+    identity of the request as it saw it: the dataset (name and fingerprint: one folder may be
+    registered under two names, each with its own label sets), the request, and the
+    checkpoint's :func:`file_signature`. A checkpoint changed in any way has a new signature,
+    so a new plan (hashing it again) rather than a stale answer."""
 
     def __init__(self, client: redis.Redis, store: Store, ttl_seconds: int):
         self.r, self.store, self.ttl = client, store, ttl_seconds
 
     @staticmethod
-    def identity(dataset_fingerprint: str, request: dict[str, Any], checkpoint: Path) -> str:
-        """The checkpoint enters by path, size and mtime: a replaced file makes a new identity,
-        so a new plan (hashing the file) rather than a stale answer."""
-        stat = checkpoint.stat()
-        key = json.dumps({"dataset": dataset_fingerprint,
+    def identity(dataset: Dataset, request: dict[str, Any],
+                 checkpoint_signature: list[str | int]) -> str:
+        key = json.dumps({"dataset": dataset.name, "fingerprint": dataset.fingerprint,
                           "request": {k: v for k, v in request.items() if k not in NOT_IDENTITY},
-                          "checkpoint": [str(checkpoint), stat.st_size, stat.st_mtime_ns]},
+                          "checkpoint": checkpoint_signature},
                          sort_keys=True)
         return keys.hashed(key)
 
@@ -115,6 +137,33 @@ class Resolutions:
             except KeyError:
                 return None
         return str(found)
+
+    def complete_labelset(self, dataset: Dataset, request: dict[str, Any],
+                          checkpoint_signature: list[str | int]) -> LabelSet | None:
+        """The label set an earlier identical request made, if the job has nothing to do: the
+        label set is ``dataset``'s, complete with its summaries recorded, and the request asks
+        for no repair and no retry of failed images it has. Found in O(1) (Redis, or the store's
+        index), never by reading status records: a plain job trusts the completion summary
+        (a repair job checks it against them). A label set complete without its summaries
+        (its last shard was written as its job was cancelled) is not done: planning the job
+        records them."""
+        if request.get("repair"):
+            return None  # the planner checks its shards
+        labelset_id = self.find(self.identity(dataset, request, checkpoint_signature))
+        if labelset_id is None:
+            return None
+        try:
+            labelset = self.store.labelset(labelset_id)
+        except KeyError:
+            return None
+        if (labelset.dataset, labelset.dataset_fingerprint) != (dataset.name,
+                                                                dataset.fingerprint):
+            return None  # another dataset's (or this name's before it was registered again)
+        if labelset.completion() is None or labelset.attrs.get("agreement") is None:
+            return None
+        if request.get("retry_failed") and labelset.images_failed():
+            return None  # its failed images are to be labeled again
+        return labelset
 
 
 def progress_in_store(labelset: LabelSet, retry_failed: bool = False) -> dict[str, Any]:
@@ -340,12 +389,14 @@ class JobStore:
             "shards_done": len(shards_done), **extra})
         pipe.execute()
 
-    def shard_done(self, job_id: str, shard: int, labeled: int, failed: int) -> bool:
-        """Count a finished shard once; True when every shard is done and the job is still
-        running, i.e. the caller should complete it (``finish(..., "succeeded", agreement)``)."""
+    def shard_done(self, job_id: str, shard: int, labeled: int, failed: int) -> str | None:
+        """Count a finished shard once. Then, with every shard done: ``COMPLETE_JOB`` while the
+        job is running (the caller completes it: ``finish(..., "succeeded", agreement)``);
+        ``LABELSET_DONE`` once, if the job had ended meanwhile (cancelled as its last shard was
+        written): the caller records the label set's summaries, which no job will. Else None."""
         result = self._shard_done(keys=[self.key(job_id), self.done_key(job_id)],
                                   args=[shard, labeled, failed, now()])
-        return result == 2
+        return {2: COMPLETE_JOB, 3: LABELSET_DONE}.get(result)
 
     def finish(self, job_id: str, state: str, error: str = "",
                agreement: dict[str, Any] | None = None) -> bool:

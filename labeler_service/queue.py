@@ -63,20 +63,27 @@ def configure(celery: Celery, settings: Settings) -> None:
 
 # Deterministic task ids: a task sent twice for the same work is the same task.
 
+def send(name: str, args: tuple, task_id: str, queue: str) -> None:
+    """Send a task that runs under the time limit of the worker that takes it. Sent from a
+    worker, Celery would stamp that worker's own limit into the message (send_task takes the
+    registered task's options), and a worker configured for longer would kill it at the
+    sender's limit, with a deadline derived from its own."""
+    app.send_task(name, args=args, task_id=task_id, queue=queue, time_limit=None,
+                  soft_time_limit=None)
+
+
 def enqueue_plan(job_id: str) -> None:
-    app.send_task(PLAN_TASK, args=(job_id,), task_id=f"{job_id}:plan", queue=LABELING_QUEUE)
+    send(PLAN_TASK, (job_id,), f"{job_id}:plan", LABELING_QUEUE)
 
 
 def enqueue_shard(job_id: str, shard: int) -> None:
-    app.send_task(SHARD_TASK, args=(job_id, shard), task_id=f"{job_id}:shard:{shard}",
-                  queue=LABELING_QUEUE)
+    send(SHARD_TASK, (job_id, shard), f"{job_id}:shard:{shard}", LABELING_QUEUE)
 
 
 def enqueue_registration(name: str, attempt: str, part: int = 0) -> None:
     """``part`` > 0: the scan's next task after ``part`` paused ones (one per time limit)."""
     task_id = f"register:{name}:{attempt}" + (f":{part}" if part else "")
-    app.send_task(REGISTER_TASK, args=(name, attempt, part), task_id=task_id,
-                  queue=REGISTRATION_QUEUE)
+    send(REGISTER_TASK, (name, attempt, part), task_id, REGISTRATION_QUEUE)
 
 
 # Where kombu's Redis transport keeps messages: a list per queue (tasks are sent without a

@@ -34,6 +34,13 @@ from celery import Task, signals
 from celery.exceptions import TimeLimitExceeded
 
 from labeler_service import keys
+from labeler_service.jobs import (
+    COMPLETE_JOB,
+    LABELSET_DONE,
+    JobStore,
+    Resolutions,
+    file_signature,
+)
 from labeler_service.paths import public_reason
 from labeler_service.queue import (
     PLAN_TASK,
@@ -58,7 +65,6 @@ TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError, DecodingProcess
 @lru_cache(maxsize=1)
 def services():
     """Redis client, store and job repository of this process."""
-    from labeler_service.jobs import JobStore
     from storage import Store
 
     settings = get_settings()
@@ -75,8 +81,21 @@ def registration_store():
     return RegistrationStore(services()[0], settings.job_ttl_seconds, settings.visibility_timeout)
 
 
+def request_teacher(request: dict):
+    """The teacher a job's request names, and its checkpoint's file signature (what planning
+    records the request's resolution under: jobs.Resolutions)."""
+    checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
+    signature = file_signature(checkpoint)
+    teacher = teacher_for(request["teacher"]["model"], str(checkpoint), tuple(signature),
+                          request["teacher"]["input_size"], request["topk"])
+    return teacher, signature
+
+
 @lru_cache(maxsize=1)  # one teacher in GPU memory per process: the latest one asked for
-def teacher_for(model: str, checkpoint: str, input_size: int, topk: int):
+def teacher_for(model: str, checkpoint: str, signature: tuple, input_size: int, topk: int):
+    """``signature`` (the checkpoint's jobs.file_signature) is in the cache key only: a
+    checkpoint rewritten or replaced under the same path is loaded again, not served from
+    here."""
     import torch
 
     from labeler_service.labeling import TeacherRunner
@@ -148,7 +167,7 @@ def heartbeat(client: redis.Redis, hostname: str) -> None:
 class LabelerTask(Task):
     """Celery runs ``on_failure`` in the worker's parent process when a child is killed at the
     hard time limit, and then acknowledges the task: without this, the shard would never come
-    back and its job would stay running for ever."""
+    back and its job would stay running for ever (a registration: registering, for ever)."""
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         if not isinstance(exc, TimeLimitExceeded):
@@ -156,23 +175,51 @@ class LabelerTask(Task):
         if self.name == SHARD_TASK:  # again; over_delivered bounds how often
             log.warning("shard task %s hit the time limit: queued again", task_id)
             enqueue_shard(*args)
-        elif self.name == PLAN_TASK:
-            client = redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
-            try:
-                from labeler_service.jobs import JobStore
+            return
+        client = redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+        try:
+            if self.name == PLAN_TASK:
                 from storage import Store
 
                 JobStore(client, Store.open(get_settings().store), get_settings().job_ttl_seconds,
                          enqueue_plan).finish(args[0], "failed", "planning the job took longer "
                                               "than the task time limit")
-            finally:
-                client.close()
+            elif self.name == REGISTER_TASK:
+                fail_registration_at_time_limit(client, *args[:2],
+                                                limit=exc.args[0] if exc.args else None)
+        finally:
+            client.close()
+
+
+def fail_registration_at_time_limit(client: redis.Redis, name: str, attempt: str,
+                                    limit: float | None) -> None:
+    """A scan killed at the hard time limit: it could not pause (no file finished hashing, no
+    folder finished listing, in the last tenth of its time). Failed at once with what to do,
+    rather than registering until declared lost; the scan's hashing processes exit with it."""
+    from labeler_service.registrations import RegistrationStore
+
+    settings = get_settings()
+    seconds = f"{limit:.0f} s" if isinstance(limit, int | float) else "its time"
+    log.warning("registration %s (attempt %s) was killed at the time limit (%s)", name,
+                attempt, seconds)
+    RegistrationStore(client, settings.job_ttl_seconds, settings.visibility_timeout).finish(
+        name, attempt, "failed",
+        f"the scan was stopped at the task time limit ({seconds}) before it could pause: "
+        "listing one folder or hashing one file took longer than a tenth of it (a file of "
+        "many GB?); remove such files, or raise LABELER_TASK_TIME_LIMIT (below "
+        "LABELER_VISIBILITY_TIMEOUT), and register it again")
+
+
+def task_time_limit(task: Task) -> float | None:
+    """The hard time limit this delivery of ``task`` runs under: the one in its message (a
+    task sent with its own limit), else this worker's configured one."""
+    stamped = (task.request.timelimit or (None, None))[0]
+    return stamped or get_settings().task_time_limit
 
 
 @app.task(bind=True, base=LabelerTask, name=PLAN_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
-    from labeler_service.jobs import Resolutions
     from labeler_service.labeling import check_class_space, labelset_config
     from labeler_service.teacher import TeacherError
     from storage import StoreError
@@ -189,9 +236,7 @@ def plan_job(self, job_id: str) -> None:
             # Otherwise every image would be recorded as missing and the job would "succeed".
             raise FileNotFoundError(f"the images of dataset {job.dataset!r} are not reachable "
                                     "(the folder was moved or unmounted?)")
-        _, spec, grid = teacher_for(request["teacher"]["model"],
-                                    str(resolve_checkpoint(request["teacher"]["checkpoint"])),
-                                    request["teacher"]["input_size"], request["topk"])
+        (_, spec, grid), signature = request_teacher(request)
         if not request.get("ignore_dataset_classes"):
             check_class_space(dataset, spec, override='"ignore_dataset_classes": true')
         labelset = dataset.create_labelset(labelset_config(
@@ -205,9 +250,8 @@ def plan_job(self, job_id: str) -> None:
             raise
         jobs.finish(job_id, "failed", job_error(e))  # the job fails, never stays queued
         return
-    checkpoint = resolve_checkpoint(request["teacher"]["checkpoint"])
-    Resolutions(client, jobs.store, get_settings().job_ttl_seconds).record(
-        Resolutions.identity(dataset.fingerprint, request, checkpoint), labelset.id)
+    record_resolution(Resolutions(client, jobs.store, get_settings().job_ttl_seconds),
+                      dataset, request, signature, labelset.id)
     if request.get("repair"):
         repair_completed_shards(labelset)
     todo = jobs.start_from_store(job_id, labelset, bool(request.get("retry_failed")))
@@ -217,10 +261,23 @@ def plan_job(self, job_id: str) -> None:
         enqueue_shard(job_id, shard)
 
 
+def record_resolution(resolutions: Resolutions, dataset, request: dict, signature: list,
+                      labelset_id: str) -> None:
+    """Record what the request resolved to under the checkpoint's signature as it was before
+    the teacher was loaded, if it still is: a checkpoint changed while it was being hashed
+    records nothing (its next request is planned again)."""
+    if file_signature(Path(signature[0])) == signature:
+        resolutions.record(resolutions.identity(dataset, request, signature), labelset_id)
+
+
 def repair_completed_shards(labelset) -> list[int]:
-    """Mark every completed shard that fails ``labeler store verify``'s checks pending."""
+    """Mark every completed shard that fails ``labeler store verify``'s checks pending, and
+    check the completion summary against the status records (a status object lost under a
+    summary that still says complete): rebuilt from them, or removed while shards are
+    pending, so the job labels them. What a repair pays for: every shard is read."""
     from storage.verify import completed_shard_problem
 
+    claimed_complete = labelset.completion() is not None
     pending = set(labelset.pending_shards())
     bad = [s for s in range(labelset.num_shards)
            if s not in pending and completed_shard_problem(labelset, s)]
@@ -229,14 +286,17 @@ def repair_completed_shards(labelset) -> list[int]:
     if bad:
         log.warning("label set %s: %d completed shards failed their checks and are labeled "
                     "again: %s", labelset.id, len(bad), bad[:20])
+    if claimed_complete and pending:
+        log.warning("label set %s: its completion summary said complete, but shards %s are "
+                    "pending: the summary is removed", labelset.id, sorted(pending)[:20])
+    labelset.rebuild_completion()
     return bad
 
 
 def complete_job(jobs, job_id: str, dataset, labelset) -> None:
-    """Every shard is written: measure the label set's agreement, record it, then succeed (in
-    that order, so a job reads succeeded only with its figures). A job in which no image could
-    be labeled fails, with the commonest reason, as ``labeler label`` does."""
-    from labeler_service.quality import record_agreement
+    """Every shard is written: record the label set's summaries, then succeed (in that order,
+    so a job reads succeeded only with its figures). A job in which no image could be labeled
+    fails, with the commonest reason, as ``labeler label`` does."""
     from storage import ImageStatus
 
     status = labelset.status()
@@ -247,8 +307,16 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
                                       f"(mostly: {common}); fix them and POST the job again "
                                       "with retry_failed")
         return
-    labelset.record_completion()  # GET /v1/labelsets and POST /v1/jobs read it in O(1)
-    jobs.finish(job_id, "succeeded", agreement=record_agreement(dataset, labelset))
+    jobs.finish(job_id, "succeeded", agreement=record_summaries(dataset, labelset))
+
+
+def record_summaries(dataset, labelset) -> dict:
+    """Record a complete label set's completion summary (GET /v1/labelsets and POST /v1/jobs
+    read it in O(1)) and measure its teacher agreement; the agreement."""
+    from labeler_service.quality import record_agreement
+
+    labelset.record_completion()
+    return record_agreement(dataset, labelset)
 
 
 def over_delivered(client: redis.Redis, job_id: str, shard: int) -> bool:
@@ -295,9 +363,11 @@ def label_shard(self, job_id: str, shard: int) -> None:
         status = give_up_shard(labelset, shard)
     elif todo:
         request = job.request
-        runner, _, _ = teacher_for(request["teacher"]["model"],
-                                   str(resolve_checkpoint(request["teacher"]["checkpoint"])),
-                                   request["teacher"]["input_size"], request["topk"])
+        (runner, spec, _), _ = request_teacher(request)
+        if spec.checkpoint_sha256 != labelset.teacher.checkpoint_sha256:
+            jobs.finish(job_id, "failed", "the checkpoint changed since the job was planned: "
+                                          "POST the job again to label with the new one")
+            return
         began = time.perf_counter()
         settings, input_size = get_settings(), request["teacher"]["input_size"]
         batch_size = settings.batch_size_for(input_size)
@@ -320,28 +390,34 @@ def label_shard(self, job_id: str, shard: int) -> None:
                 raise
             jobs.finish(job_id, "failed", f"shard {shard}: {job_error(e)}")
             raise
-        if report.stopped:
-            return
+        if report.stopped and not report.shards_written:
+            return  # cancelled: the shard is left pending
         stats = client.pipeline()
         stats.hincrbyfloat(keys.STATS, "shard_seconds_sum", time.perf_counter() - began)
         stats.hincrby(keys.STATS, "shards_labeled", 1)
         stats.hincrby(keys.STATS, "images_labeled", report.images_labeled)
         stats.execute()
         status = labelset.shard_status(shard)
-    if jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
-                       int((status > 0).sum())):
+    # Counted even if the job was cancelled as the shard was written: if it was the label set's
+    # last, no later shard task will record the label set's summaries.
+    then = jobs.shard_done(job_id, shard, int((status == ImageStatus.LABELED).sum()),
+                           int((status > 0).sum()))
+    if then == COMPLETE_JOB:
         complete_job(jobs, job_id, dataset_for(job.dataset), labelset)
+    elif then == LABELSET_DONE:
+        record_summaries(dataset_for(job.dataset), labelset)
 
 
-@app.task(bind=True, name=REGISTER_TASK, autoretry_for=TRANSIENT,
+@app.task(bind=True, base=LabelerTask, name=REGISTER_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def register_dataset(self, name: str, attempt: str, part: int = 0) -> str | None:
     """Scan the folder of registration ``name`` (this ``attempt`` of it) and write the dataset.
 
-    A scan that reaches the task's deadline pauses, its rows kept in the store, and queues the
-    next ``part``, which goes on from them. Delivered again after a crash, it is harmless:
-    ``add_dataset`` finds the dataset it wrote (same contents: nothing to do), rewrites one
-    left half-written, or goes on from the last pause.
+    A scan that reaches the task's deadline (derived from the time limit this delivery really
+    has) pauses, its rows kept in the store, and queues the next ``part``, which goes on from
+    them; one killed at the limit before it could pause fails (``LabelerTask``). Delivered
+    again after a crash, it is harmless: ``add_dataset`` finds the dataset it wrote (same
+    contents: nothing to do), rewrites one left half-written, or goes on from the last pause.
     """
     from labeler_service.registrations import describe, run_registration
 
@@ -351,7 +427,7 @@ def register_dataset(self, name: str, attempt: str, part: int = 0) -> str | None
     settings = get_settings()
     try:
         state = run_registration(registrations, store, settings.data_root, name, attempt,
-                                 time_limit=settings.task_time_limit)
+                                 time_limit=task_time_limit(self))
         if state == "paused":
             enqueue_registration(name, attempt, part + 1)
         return state

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from storage import ManifestDamaged
+
 MEDIA_TYPE = "application/problem+json"
 BODY_PARSE_ERROR = "There was an error parsing the body"
 
@@ -32,6 +34,13 @@ def install(app: FastAPI) -> None:
             # JSON): as for any other body that is not valid JSON, 422.
             return problem(422, "the request body is not valid JSON (nested too deeply?)")
         return problem(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ManifestDamaged)
+    async def manifest_problem(request: Request, exc: ManifestDamaged) -> JSONResponse:
+        # What the damaged columns give is wrong (paths glued together, digests cut short):
+        # nothing is served from them. Not a 5xx: retrying cannot help, registering the
+        # dataset again does, and the detail (naming the dataset, no server path) says so.
+        return problem(409, str(exc))
 
     @app.exception_handler(redis.RedisError)
     async def redis_problem(request: Request, exc: redis.RedisError) -> JSONResponse:

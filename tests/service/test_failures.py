@@ -103,8 +103,10 @@ def test_two_workers_one_child_killed_mid_shard(cluster: Cluster, redis_db):
 
 
 def test_whole_worker_killed_then_redelivered(cluster: Cluster, redis_db):
-    job_id, (worker,) = start_slow_job(cluster, LABELER_VISIBILITY_TIMEOUT="10",
-                                       LABELER_TASK_TIME_LIMIT="8", LABELER_STALL_SECONDS="5")
+    # A time limit that planning (a cold teacher load) meets on a loaded machine too; the
+    # visibility timeout above it is how long the lost shard waits to come back.
+    job_id, (worker,) = start_slow_job(cluster, LABELER_VISIBILITY_TIMEOUT="30",
+                                       LABELER_TASK_TIME_LIMIT="20", LABELER_STALL_SECONDS="5")
     wait_for(lambda: shards_written(cluster) >= 1, what="a first shard")
     time.sleep(0.1)
     stop(worker, signal.SIGKILL)  # the machine is lost: parent and child, no goodbye

@@ -129,12 +129,12 @@ def test_a_corrupt_logits_shard_is_a_503_for_its_images_only(labeled, clean_redi
         detail = problem(client.get(f"/v1/labelsets/{labelset_id}/images/5"), 503, root)
         assert labelset_id in detail and "'logits'" in detail and "shard 1" in detail
         npy = {"Accept": "application/x-npy"}
-        for array in ("status", "lse", "classes"):  # the other arrays are still served
-            r = client.get(f"/v1/labelsets/{labelset_id}/images/5", params={"array": array},
-                           headers=npy)
-            assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
-        problem(client.get(f"/v1/labelsets/{labelset_id}/images/5",
-                           params={"array": "logits"}, headers=npy), 503, root)
+        r = client.get(f"/v1/labelsets/{labelset_id}/images/5", params={"array": "status"},
+                       headers=npy)  # the record itself is still served
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+        for array in ("logits", "lse", "classes"):  # labels only whole: not this image's
+            problem(client.get(f"/v1/labelsets/{labelset_id}/images/5",
+                               params={"array": array}, headers=npy), 503, root)
         problem(client.get(f"/v1/labelsets/{labelset_id}/images/5/heatmap.png"), 503, root)
         assert client.get(f"/v1/labelsets/{labelset_id}/images/0").status_code == 200
         assert client.get(f"/v1/labelsets/{labelset_id}/images/9").status_code == 200
@@ -359,3 +359,75 @@ def test_deeply_nested_json_is_422_like_any_invalid_body(labeled, clean_redis):
                              headers={"Content-Type": "application/json"}), 422)
         problem(client.post("/v1/jobs", content=b"{not json",
                             headers={"Content-Type": "application/json"}), 422)
+
+
+# -- issue 23: nothing wrong is served ----------------------------------------------------------
+
+def test_an_image_whose_labels_are_gone_is_a_409_never_served_as_labeled(labeled, clean_redis):
+    """R21: a shard's ``lse`` object emptied (shard 1) or deleted (shard 2) under a status that
+    still says labeled: JSON, every label array and the heatmap are a 409 that says how to
+    repair, as ``labeler store verify`` reports it; its status and other shards still serve."""
+    root, labelset_id = labeled
+    shard_object(root, labelset_id, "lse", 1).write_bytes(b"")
+    shard_object(root, labelset_id, "lse", 2).unlink()
+    url = f"/v1/labelsets/{labelset_id}/images/{{}}"
+    npy = {"Accept": "application/x-npy"}
+    with api(root) as client:
+        for index in (5, 9):
+            for r in (client.get(url.format(index)),
+                      client.get(url.format(index), params={"array": "lse"}, headers=npy),
+                      client.get(url.format(index), params={"array": "logits"}, headers=npy),
+                      client.get(url.format(index) + "/heatmap.png")):
+                detail = problem(r, 409, root)
+                assert f"image {index}" in detail and "store verify --repair" in detail
+                assert '"repair": true' in detail
+            status = client.get(url.format(index), params={"array": "status"}, headers=npy)
+            assert status.status_code == 200
+        whole = client.get(url.format(0))
+        assert whole.status_code == 200 and whole.json()["lse"][0][0] is not None
+        assert client.get(url.format(0) + "/heatmap.png").status_code == 200
+
+
+def damage_manifest_column(root: Path, column: str, values) -> None:
+    """Overwrite a stored manifest column of dataset toy, as a damaged store would hold it."""
+    import zarr
+
+    array = zarr.open_array(root / "store" / "datasets" / "toy" / "manifest" / column, mode="r+")
+    array[:] = values
+
+
+def test_a_damaged_path_column_is_a_409_naming_the_dataset(labeled, clean_redis):
+    """A20: path offsets out of order (row 6 ends before row 5 does): the image's path would be
+    wrong (glued to or cut from its neighbour's), so its labels and heatmap are a 409 naming
+    the dataset and what to do, not a 500 and never a wrong path."""
+    import zarr
+
+    root, labelset_id = labeled
+    ends = zarr.open_array(root / "store" / "datasets" / "toy" / "manifest" / "path_end",
+                           mode="r")[:]
+    ends[6] = ends[4]
+    damage_manifest_column(root, "path_end", ends)
+    with api(root) as client:
+        for path in ("", "/heatmap.png"):
+            detail = problem(client.get(f"/v1/labelsets/{labelset_id}/images/6{path}"), 409,
+                             root)
+            assert "dataset 'toy'" in detail and "manifest is damaged" in detail
+            assert "store verify" in detail
+        assert client.get(f"/v1/labelsets/{labelset_id}/images/0").status_code == 200
+
+
+def test_a_summary_the_labelset_could_not_have_is_not_served(labeled, clean_redis):
+    """A21: a tampered completion summary (15 images of 12) is ignored, in what GET shows too:
+    the label set answers from its status records."""
+    import zarr
+
+    root, labelset_id = labeled
+    labelset = Store.open(root / "store").labelset(labelset_id)
+    truth = labelset.completion()
+    assert truth is not None
+    group = zarr.open_group(store=labelset.group.store, path=labelset.group.path, mode="r+")
+    group.update_attributes({"completion": {**truth, "counts": {"0": 15}}})
+    with api(root) as client:
+        shown = client.get(f"/v1/labelsets/{labelset_id}").json()
+        assert shown["complete"] and shown["shards_done"] == 3
+        assert "completion" not in shown["attrs"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
@@ -16,10 +15,10 @@ from labeler_service.api.lookups import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
 from labeler_service.checkpoint_files import checkpoint_problem
 from labeler_service.idempotency import IdempotencyConflict, IdempotencyKeys
-from labeler_service.jobs import Job, JobStore, Resolutions
+from labeler_service.jobs import Job, JobStore, Resolutions, file_signature
 from labeler_service.model_names import timm_model_names
 from labeler_service.paths import PathOutsideRoot, is_kind, public_reason, resolve_inside
-from storage import LabelSet, StoreError
+from storage import Dataset, StoreError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 RETRY_AFTER_SECONDS = "2"
@@ -40,9 +39,9 @@ def find_job(jobs: JobStore, job_id: str) -> Job:
 
 
 def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
-                  registrations: RegistrationsDep) -> Path:
-    """Refuse what cannot run; returns the checkpoint's resolved path."""
-    find_dataset(store, registrations, body.dataset)  # 409 while it is registering
+                  registrations: RegistrationsDep) -> tuple[Dataset, list[str | int]]:
+    """Refuse what cannot run; returns the dataset and the checkpoint's file signature."""
+    dataset = find_dataset(store, registrations, body.dataset)  # 409 while it is registering
     try:
         checkpoint = resolve_inside(settings.checkpoint_root, body.teacher.checkpoint)
     except PathOutsideRoot as e:
@@ -60,26 +59,11 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
                                  "retry") from None
     if body.teacher.model not in known:
         raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
-    return checkpoint
-
-
-def complete_labelset(resolutions: Resolutions, store: StoreDep, dataset: str, request: dict,
-                      checkpoint: Path) -> LabelSet | None:
-    """The label set an earlier identical job made, if it is complete (found in O(1): Redis, or
-    the store's index if Redis lost it; complete from its summary)."""
-    labelset_id = resolutions.find(
-        Resolutions.identity(store.dataset(dataset).fingerprint, request, checkpoint))
-    if labelset_id is None:
-        return None
     try:
-        labelset = store.labelset(labelset_id)
-    except KeyError:
-        return None
-    if request.get("repair"):
-        return None  # the planner checks its shards
-    if request.get("retry_failed") and labelset.images_failed():
-        return None  # its failed images are to be labeled again
-    return labelset if labelset.is_complete() else None
+        return dataset, file_signature(checkpoint)  # a stat: the file is never hashed here
+    except OSError:  # gone since it was looked at
+        raise HTTPException(422, f"no checkpoint {body.teacher.checkpoint!r} under the "
+                                 "checkpoint root") from None
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
@@ -94,7 +78,7 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
                jobs: JobsDep, client: RedisDep, registrations: RegistrationsDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
     """Queue a labeling job; poll the ``Location`` it answers with."""
-    checkpoint = check_request(body, settings, store, registrations)
+    dataset, signature = check_request(body, settings, store, registrations)
     request = body.model_dump(exclude={"dataset"})
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     idempotency = IdempotencyKeys(client)
@@ -108,8 +92,8 @@ def submit_job(body: JobCreate, response: Response, settings: SettingsDep, store
             response.headers["Location"] = f"/v1/jobs/{job.id}"
             return with_retry_after(job, response)
     try:
-        done = complete_labelset(Resolutions(client, store, settings.job_ttl_seconds), store,
-                                 body.dataset, request, checkpoint)
+        done = Resolutions(client, store, settings.job_ttl_seconds).complete_labelset(
+            dataset, request, signature)
         if done is not None:  # nothing to label: the job succeeds at once
             job = jobs.create_succeeded(body.dataset, request, done)
         else:

@@ -16,7 +16,15 @@ from fastapi.responses import Response
 from labeler_service.api.deps import SettingsDep, StoreDep
 from labeler_service.api.schemas import ImageLabels, LabelSetOut
 from labeler_service.heatmap import render_heatmap
-from storage import ARRAY_NAMES, LABEL_ARRAYS, ImageStatus, LabelSet, ShardUnreadable, Store
+from storage import (
+    ARRAY_NAMES,
+    LABEL_ARRAYS,
+    ImageStatus,
+    LabelBlock,
+    LabelSet,
+    ShardUnreadable,
+    Store,
+)
 from storage.images import ImageRejected, read_image_bytes
 
 router = APIRouter(prefix="/labelsets", tags=["labelsets"])
@@ -47,6 +55,20 @@ def readable(read: Callable[[], T]) -> T:
         raise HTTPException(503, str(e)) from None
 
 
+def whole_image(labelset: LabelSet, index: int) -> LabelBlock:
+    """Image ``index``'s labels, checked as ``labeler store verify`` checks them: an image whose
+    status says labeled but whose stored labels are not all there (a shard object lost or
+    emptied under a status record that survived) is never served, as labels or as a heatmap.
+    A 409: the label set must be repaired, which retrying alone will not do."""
+    block = readable(lambda: labelset.read_image(index))
+    if labelset.damaged(block)[0]:
+        raise HTTPException(409, f"image {index} of label set {labelset.id} is marked labeled, "
+                                 "but its stored labels are missing or incomplete: run "
+                                 "`labeler store verify --repair`, or POST its job again with "
+                                 '"repair": true')
+    return block
+
+
 def accepts_npy(accept: str | None) -> bool:
     """``Accept`` lists application/x-npy itself (not a longer type that contains it)."""
     return bool(accept) and any(part.split(";")[0].strip().lower() == NPY
@@ -65,17 +87,25 @@ def to_json(values: np.ndarray) -> list:
 def get_labelset(labelset_id: LabelSetId, store: StoreDep) -> LabelSetOut:
     labelset = find_labelset(store, labelset_id)
     # A complete label set answers from its summary in one read; only an incomplete one reads
-    # the status array (one object per shard).
-    pending = [] if labelset.completion() is not None else labelset.pending_shards()
+    # the status array (one object per shard). A summary the label set could not have is
+    # ignored (LabelSet.completion), here and in the attrs shown.
+    summary = labelset.completion()
+    pending = [] if summary is not None else labelset.pending_shards()
+    attrs = {k: v for k, v in labelset.attrs.items() if k != "completion"}
+    if summary is not None:
+        attrs["completion"] = summary
     return LabelSetOut(id=labelset.id, dataset=labelset.dataset,
                        num_images=labelset.num_images, num_shards=labelset.num_shards,
                        shards_done=labelset.num_shards - len(pending), complete=not pending,
                        agreement=labelset.attrs.get("agreement"),
-                       label_quality=labelset.attrs.get("label_quality"), attrs=labelset.attrs)
+                       label_quality=labelset.attrs.get("label_quality"), attrs=attrs)
 
 
 @router.get("/{labelset_id}/images/{index}", response_model=ImageLabels,
             responses={404: {"description": "Not found"},
+                       409: {"description": "The image is marked labeled but its stored labels "
+                                            "are missing, or the dataset's stored manifest is "
+                                            "damaged (labeler store verify --repair)"},
                        503: {"description": "A stored array of this image's shard cannot be "
                                             "decoded (labeler store verify --repair)"},
                        200: {"content": {NPY: {"schema": {"type": "string",
@@ -87,15 +117,17 @@ def get_image_labels(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep
                                                  description="Which array, for .npy")] = "logits",
                      ) -> ImageLabels | Response:
     """Top-K label maps of image ``index``: JSON, or ``Accept: application/x-npy`` for one
-    array (``?array=``) in NumPy's .npy format (only that array is read)."""
+    array (``?array=``) in NumPy's .npy format. Labels are served only whole (every array of
+    the image is read and checked); ``status``, the record itself, is read alone."""
     labelset = find_labelset(store, labelset_id)
     check_index(labelset, index)
     if accepts_npy(accept):
+        values = (readable(lambda: labelset.read_array(array, index, index + 1)) if
+                  array == "status" else getattr(whole_image(labelset, index), array))
         buffer = io.BytesIO()
-        np.save(buffer, readable(lambda: labelset.read_array(array, index, index + 1))[0],
-                allow_pickle=False)
+        np.save(buffer, values[0], allow_pickle=False)
         return Response(buffer.getvalue(), media_type=NPY)
-    block = readable(lambda: labelset.read_image(index))
+    block = whole_image(labelset, index)
     path = store.dataset(labelset.dataset).image_path(index)
     code = int(block.status[0])
     return ImageLabels(
@@ -113,8 +145,9 @@ RENDER_WAIT_SECONDS = 0.5  # a waiting request holds a worker thread: keep it sh
 
 @router.get("/{labelset_id}/images/{index}/heatmap.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "Not found"},
-                       409: {"description": "The image is not labeled, or its file changed "
-                                            "since registration"},
+                       409: {"description": "The image is not labeled, its stored labels "
+                                            "are missing, or its file changed since "
+                                            "registration"},
                        410: {"description": "The image file is gone"},
                        422: {"description": "The image is too large to draw over"},
                        503: {"description": "Too many heatmaps being drawn; retry"}})
@@ -123,7 +156,7 @@ def get_heatmap(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep,
     """The image with its top-1 class map overlaid, opacity by confidence, and a legend."""
     labelset = find_labelset(store, labelset_id)
     check_index(labelset, index)
-    block = readable(lambda: labelset.read_image(index))
+    block = whole_image(labelset, index)
     if block.status[0] != ImageStatus.LABELED:
         raise HTTPException(409, f"image {index} is not labeled: "
                                  f"{ImageStatus(int(block.status[0])).description}")
@@ -134,9 +167,12 @@ def get_heatmap(labelset_id: LabelSetId, index: ImageIndex, store: StoreDep,
                             headers={"Retry-After": "2"})
     try:
         # As labeling reads it: a regular file, inside the dataset's folder now, with the
-        # registered contents (a file replaced since is not drawn over someone else's labels).
+        # registered contents (a file replaced since is not drawn over someone else's labels),
+        # and no more bytes read than were registered.
+        sizes = dataset.sizes(index, index + 1)
         data = read_image_bytes(Path(dataset.source_root) / dataset.image_path(index),
-                                dataset.image_sha256(index), root=dataset.source_root)
+                                dataset.image_sha256(index), root=dataset.source_root,
+                                expected_size=None if sizes is None else int(sizes[0]))
         png = render_heatmap(data, block, labelset.teacher.class_names,
                              settings.heatmap_max_pixels)
     except ImageRejected as e:
