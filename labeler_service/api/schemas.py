@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 from labeler_service.jobs import Job
 from labeler_service.settings import INPUT_SIZE_MAX, INPUT_SIZE_MIN
 from storage.store import check_name
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+log = logging.getLogger(__name__)
 
 
 class Problem(BaseModel):
@@ -104,6 +114,21 @@ class Agreement(BaseModel):
     reason: str | None = None
 
 
+def _none_if_malformed(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A summary read from the store (or a job record) that is not of its schema (damaged,
+    hand-edited) is served as not recorded, never as a 500 for the whole resource."""
+    try:
+        return handler(value)
+    except ValidationError as e:
+        log.warning("a recorded summary is malformed and is served as null: %s",
+                    e.errors()[0]["msg"])
+        return None
+
+
+RecordedAgreement = Annotated[Agreement | None, WrapValidator(_none_if_malformed)]
+RecordedSummary = Annotated[dict[str, Any] | None, WrapValidator(_none_if_malformed)]
+
+
 class JobOut(BaseModel):
     id: str
     state: str = Field(description="queued, running, succeeded, failed or cancelled")
@@ -115,7 +140,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
-    agreement: Agreement | None = Field(
+    agreement: RecordedAgreement = Field(
         None, description="The label set's teacher agreement, once the job succeeded.")
 
     @classmethod
@@ -144,8 +169,8 @@ class LabelSetOut(BaseModel):
     num_shards: int
     shards_done: int
     complete: bool
-    agreement: Agreement | None = Field(description="Recorded when the label set completed.")
-    label_quality: dict[str, Any] | None = Field(
+    agreement: RecordedAgreement = Field(description="Recorded when the label set completed.")
+    label_quality: RecordedSummary = Field(
         description="Dense quality against ground-truth masks, when `labeler evaluate-labels` "
                     "measured it (docs/store-format.md).")
     attrs: dict[str, Any]

@@ -431,3 +431,19 @@ def test_a_summary_the_labelset_could_not_have_is_not_served(labeled, clean_redi
         shown = client.get(f"/v1/labelsets/{labelset_id}").json()
         assert shown["complete"] and shown["shards_done"] == 3
         assert "completion" not in shown["attrs"]
+
+
+def test_a_malformed_recorded_summary_is_served_as_null_not_a_500(labeled, clean_redis):
+    """An `agreement` or `label_quality` attr not of its schema (hand-edited, damaged) made the
+    label set's GET a 500 (response validation): it is served as not recorded."""
+    import zarr
+
+    root, labelset_id = labeled
+    labelset = Store.open(root / "store").labelset(labelset_id)
+    group = zarr.open_group(store=labelset.group.store, path=labelset.group.path, mode="r+")
+    group.update_attributes({"agreement": {"images": "many"}, "label_quality": ["not", "one"]})
+    with api(root) as client:
+        response = client.get(f"/v1/labelsets/{labelset_id}")
+        assert response.status_code == 200, response.text
+        assert response.json()["agreement"] is None
+        assert response.json()["label_quality"] is None
