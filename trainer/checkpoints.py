@@ -10,6 +10,13 @@
   registered variant of the same depth and width.
 * **Plain state dicts** of a registered model (e.g. saved by hand from ``model.state_dict()``).
 
+Every file is loaded with ``torch.load(weights_only=True)`` (:func:`load_file`): tensors and plain
+Python data only, plus the one class the official files hold (timm's training script saves its
+``argparse.Namespace`` as ``args``). A pickle holding anything else, such as a ``__reduce__``
+that calls ``os.system``, is refused and nothing in it runs: a checkpoint is data, wherever it
+came from. This project's own checkpoints (``trainer train``'s ``last.pt``, ``trainer convert``'s
+output) hold nothing but tensors and plain data, so they always load this way.
+
 :func:`read_checkpoint` turns any of them into a :class:`Checkpoint` (a model name, config
 overrides, weights in this project's key names); :func:`build_model` makes the model;
 :func:`load_weights` puts weights into an existing model, resampling the position embedding to
@@ -18,7 +25,12 @@ its grid and, for fine-tuning, leaving out heads whose class count differs.
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import pickle
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +49,9 @@ OFFICIAL_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", 
                    "skip_lam", "num_classes", "qkv_bias", "drop_rate", "attn_drop_rate")
 OFFICIAL_STEM_CHANNELS = {"4_2": 64, "4_2_128": 128}
 HEADS = ("head.", "aux_head.")
+# What an official checkpoint holds beyond tensors and plain data: timm's training script saves
+# its command line as an argparse.Namespace ("args"), whose fields are plain values.
+OFFICIAL_GLOBALS = [argparse.Namespace]
 
 
 class CheckpointError(ValueError):
@@ -55,10 +70,7 @@ class Checkpoint:
 def read_checkpoint(path: Path, model: str | None = None, use_ema: bool = True) -> Checkpoint:
     """Read ``path`` (any of the module docstring's kinds); ``model`` names the variant when the
     checkpoint cannot tell (a plain state dict), or overrides the guess."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from e
+    obj = load_file(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     if "config" in obj and "model" in obj and isinstance(obj.get("config"), dict) \
@@ -87,6 +99,42 @@ def read_checkpoint(path: Path, model: str | None = None, use_ema: bool = True) 
             f"{path}: depth {overrides.get('depth')} and width {overrides.get('embed_dim')} "
             "match no registered variant; name one with --model")
     return Checkpoint(name, overrides, weights, "official" if official else "state_dict")
+
+
+def load_file(path: Path, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load`` of ``path`` with ``weights_only=True`` and :data:`OFFICIAL_GLOBALS` (module
+    docstring); :class:`CheckpointError` for anything else, in one line."""
+    with open_regular_file(path) as f, torch.serialization.safe_globals(OFFICIAL_GLOBALS):
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if unsafe:
+                raise CheckpointError(
+                    f"{path}: refused: it holds a {unsafe[1]} object, not only tensors and plain "
+                    "data, and loading it could run code (a checkpoint of weights never needs "
+                    "to)") from None
+            raise CheckpointError(f"{path}: not a torch checkpoint (not a pickle torch can "
+                                  "read)") from None
+        except Exception as e:  # torch raises many kinds for a damaged or truncated file
+            reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: not a torch checkpoint, or a damaged one "
+                                  f"({reason})") from None
+
+
+def open_regular_file(path: Path):
+    """``path`` opened for reading, if it is a regular file: opening never blocks (a FIFO is
+    refused, not waited on for a writer that never comes), and a directory or device is refused
+    too. The check is on the opened file, so nothing can be swapped in after it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file (a directory, FIFO or device); a "
+                              "checkpoint is a file")
+    return os.fdopen(fd, "rb")
 
 
 def unwrap_state_dict(obj: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:

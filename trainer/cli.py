@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import click
@@ -29,6 +30,37 @@ def user_errors(fn):
     return wrapper
 
 
+class FiniteRange(click.FloatRange):
+    """A float range that refuses nan and infinities too (click's FloatRange lets nan through:
+    every comparison with it is False)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
+
+
+# Model options with a flag of their own: the flag is their one home.
+FLAG_OPTIONS = {"registers": "--registers", "sta": "--sta", "anf": "--anf"}
+
+
+def parse_model_kwargs(text: str) -> dict:
+    """``--model-kwargs``: a JSON object of model options, none of which a flag sets (the model
+    checks the names and types: ``trainer.models.check_options``)."""
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--model-kwargs is not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object of model options, e.g. "
+                         f'\'{{"drop_path": 0.1}}\', not {text!r}')
+    for key, flag in FLAG_OPTIONS.items():
+        if key in options:
+            raise ValueError(f"--model-kwargs: set {key!r} with {flag}")
+    return options
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train vision transformers (LV-ViT, ViT) on token labels."""
@@ -49,7 +81,8 @@ def main() -> None:
 @click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
 @click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.08, show_default=True,
               help="Smallest RandomResizedCrop area, as a share of the image (1: whole images).")
-@click.option("--beta", type=float, default=0.5, show_default=True, help="Token loss weight.")
+@click.option("--beta", type=FiniteRange(0), default=0.5, show_default=True,
+              help="Token loss weight (0: the token loss off).")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--gt-weight", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Blend the ground-truth class into the class target.")
@@ -96,7 +129,7 @@ def train(**options) -> None:
 
     options["model_kwargs"] = {"registers": options.pop("registers"),
                                "sta": options.pop("sta"), "anf": options.pop("anf"),
-                               **json.loads(options["model_kwargs"])}
+                               **parse_model_kwargs(options["model_kwargs"])}
     options["crop_scale"] = (options["crop_scale"], 1.0)
     options["token_label"] = not options.pop("no_token_label")
     options["mix_token"] = not options.pop("no_mix_token")

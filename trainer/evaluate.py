@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from storage import Store
-from storage.images import ImageRejected, decode_image
+from storage import Dataset, Store
+from storage.images import DEFAULT_MAX_PIXELS, ImageRejected
 from trainer.checkpoints import build_model, read_checkpoint
 from trainer.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from trainer.data.stream import StreamConfig, TokenLabelStream
+from trainer.data.stream import ShardRows, StreamConfig, TokenLabelStream
+
+ROWS_PER_READ = 256  # manifest rows read at a time by artifact_metrics
 
 
 def load_checkpoint(path: Path, device: torch.device,
@@ -38,6 +44,7 @@ def evaluate(checkpoint: Path, store: str, dataset: str, labels: str, batch_size
                                            image_size=size, split="val", augment=False,
                                            val_permille=val_permille))
     correct1 = correct5 = total = 0
+    stream.track_skips(workers)
     for batch in DataLoader(stream, batch_size=batch_size, num_workers=workers):
         known = batch["target"] >= 0
         if not known.any():
@@ -49,8 +56,14 @@ def evaluate(checkpoint: Path, store: str, dataset: str, labels: str, batch_size
         correct5 += int((top == target[:, None]).any(dim=1).sum())
         total += int(known.sum())
     if total == 0:
-        raise ValueError("the held-out split has no image with a known class")
-    return {"top1": correct1 / total, "top5": correct5 / total, "images": total}
+        raise ValueError("the held-out split has no image with a known class"
+                         + skipped_note(stream.skipped_images()))
+    return {"top1": correct1 / total, "top5": correct5 / total, "images": total,
+            "skipped_images": stream.skipped_images()}
+
+
+def skipped_note(skipped: dict[str, int]) -> str:
+    return f" (skipped, not read as registered: {skipped})" if skipped else ""
 
 
 def outlier_token_share(patches: torch.Tensor, factor: float = 3.0) -> float:
@@ -100,17 +113,13 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
     over the first ``images`` readable images."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, normalize = load_checkpoint(checkpoint, device)
-    ds = Store.open(store, mode="r").dataset(dataset)
-    root, paths = Path(ds.source_root), ds.paths()
     size = model.img_size
-    pixels = []
-    for p in paths:
-        if len(pixels) == images:
-            break
-        try:
-            pixels.append(decode_image((root / p).read_bytes(), size))
-        except (ImageRejected, OSError):
-            continue
+    skipped: collections.Counter[str] = collections.Counter()
+    readable = registered_images(Store.open(store, mode="r").dataset(dataset), skipped)
+    pixels = [np.asarray(picture.resize((size, size), Image.Resampling.BICUBIC))
+              for picture in itertools.islice(readable, images)]
+    if not pixels:
+        raise ValueError(f"dataset {dataset!r} has no readable image" + skipped_note(skipped))
     x_all = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
     prefix = model.num_prefix_tokens
     patches, entropy = [], []
@@ -120,4 +129,20 @@ def artifact_metrics(checkpoint: Path, store: str, dataset: str, images: int = 6
         attention = model.attention_maps(x)[-1][:, :, 0, prefix:]  # [B, heads, N]
         entropy.append(attention_entropy(attention).mean(1))
     return {"outlier_token_share": outlier_token_share(torch.cat(patches)),
-            "cls_attention_entropy": float(torch.cat(entropy).mean()), "images": len(x_all)}
+            "cls_attention_entropy": float(torch.cat(entropy).mean()), "images": len(x_all),
+            "skipped_images": dict(skipped)}
+
+
+def registered_images(dataset: Dataset, skipped: collections.Counter[str]
+                      ) -> Iterator[Image.Image]:
+    """The dataset's images in order, each read as the training stream reads it (as
+    registered, confined to its folder, within the pixel limit); one that is not is counted in
+    ``skipped`` by status and passed over."""
+    root = Path(dataset.source_root)
+    for start in range(0, dataset.num_images, ROWS_PER_READ):
+        rows = ShardRows.read(dataset, start, min(start + ROWS_PER_READ, dataset.num_images))
+        for index in range(start, start + len(rows.paths)):
+            try:
+                yield rows.open(index, root, DEFAULT_MAX_PIXELS)
+            except ImageRejected as e:
+                skipped[e.status.name.lower()] += 1

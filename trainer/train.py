@@ -11,8 +11,10 @@ EMA and the stream position, so ``--resume`` goes on mid-epoch in the same order
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -27,14 +29,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trainer.augment import IDENTITY_THETA, RandAugmentConfig, warp_maps
-from trainer.checkpoints import load_weights, read_checkpoint
+from trainer.checkpoints import CheckpointError, load_file, load_weights, read_checkpoint
 from trainer.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream
+from trainer.data.stream import StreamConfig, StreamPosition, TokenLabelStream, by_reason
 from trainer.labels import densify, roi_align_labels, scatter_logits
 from trainer.loss import class_target, ground_truth_loss, token_labeling_loss
-from trainer.models import create_model
+from trainer.models import check_options, create_model
 from trainer.models.mixtoken import box_area_fraction
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
@@ -279,7 +282,112 @@ class TrainStep:
                 "grad_norm": float(grad_norm)}
 
 
+# Model options the trainer sets itself, and from what (not --model-kwargs)
+TRAINER_OPTIONS = {"num_classes": "the label set's class count", "img_size": "--input-size",
+                   "mix_token": "--no-mix-token"}
+def epoch_steps(stream: TokenLabelStream, config: TrainConfig) -> int:
+    """Steps of the stream's epoch: every rank's full batches (the least over the ranks, so
+    that no rank waits for a batch another never gets), at most ``max_steps_per_epoch``."""
+    steps = stream.full_batches(config.batch_size, config.workers)
+    return min(steps, config.max_steps_per_epoch or steps)
+
+
+def every_rank_has(batch: dict | None, world: int, device: torch.device) -> bool:
+    """Whether every rank has a batch for this step (one collective when distributed): a rank
+    whose stream skipped samples may run out first, and the others must stop with it, not
+    wait for it in the gradient all-reduce."""
+    if world == 1:
+        return batch is not None
+    have = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    return bool(have.item())
+
+
+def epoch_skips(stream: TokenLabelStream, world: int,
+                device: torch.device) -> collections.Counter[str]:
+    """The samples the stream skipped this epoch, by reason, summed over the ranks."""
+    if world == 1:
+        return collections.Counter(stream.skipped_images())
+    counts = stream.skip_counts.sum(0).to(device)
+    dist.all_reduce(counts)
+    return collections.Counter(by_reason(counts.cpu()))
+
+
+def report_skips(epoch: int, counts: collections.Counter[str],
+                 rank: int) -> collections.Counter[str]:
+    """One log line for an epoch that skipped samples (rank 0); the counts, for the summary."""
+    if counts and rank == 0:
+        log.warning("epoch %d: %d samples skipped, not trained on (%s)", epoch,
+                    counts.total(), ", ".join(f"{n} {why}" for why, n in sorted(counts.items())))
+    return counts
+
+
+RESUME_KEYS = ("model", "optimizer", "step", "epoch_step", "position", "rng")
+
+
+def read_resume_state(path: Path, device: torch.device) -> dict:
+    """The run state in ``path`` (``last.pt``), or :class:`CheckpointError` saying why it cannot
+    be resumed from and which epoch checkpoint of the run can (:func:`last_good_epoch`)."""
+    try:
+        state = load_file(path, map_location=device)
+        if not (isinstance(state, dict) and all(key in state for key in RESUME_KEYS)):
+            raise CheckpointError(f"{path}: not a run state that --resume can go on from")
+    except CheckpointError as e:
+        good = last_good_epoch(path.parent, device)
+        offer = (f"; {good} is the run's last good epoch checkpoint: copy it to {path} to "
+                 "resume from the end of that epoch") if good else \
+            "; the run has no good epoch checkpoint: start again without --resume"
+        raise CheckpointError(f"{e}{offer}") from None
+    return state
+
+
+def restore_run(path: Path, device: torch.device, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer,
+                ema: torch.optim.swa_utils.AveragedModel | None) -> dict:
+    """Model, optimizer and EMA as the run state in ``path`` left them; the state."""
+    state = read_resume_state(path, device)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError) as e:  # another model's or run's checkpoint
+        raise CheckpointError(f"{path} does not fit this run's model or options: "
+                              f"{str(e).splitlines()[0]}") from None
+    return state
+
+
+def last_good_epoch(out: Path, device: torch.device) -> Path | None:
+    """The newest ``epochNNNN.pt`` in ``out`` that loads as a run state (each is written at an
+    epoch's end, positioned at the next epoch's start), or None."""
+    for path in sorted(out.glob("epoch[0-9][0-9][0-9][0-9].pt"), reverse=True):
+        try:
+            state = load_file(path, map_location=device)
+        except CheckpointError:
+            continue
+        if isinstance(state, dict) and all(key in state for key in RESUME_KEYS):
+            return path
+    return None
+
+
+def open_metrics(path: Path, resumed_step: int | None):
+    """``metrics.jsonl`` for appending: a fresh run starts it anew; a resumed run keeps the lines
+    up to the step it resumed from (those after it were an interrupted run's, and are done
+    again)."""
+    kept = []
+    if resumed_step is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= resumed_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the interruption
+    path.write_text("".join(kept))
+    return open(path, "a")  # closed at the end of the run
+
+
 def train(config: TrainConfig, resume: bool = False) -> dict:
+    check_options(config.model, config.model_kwargs, TRAINER_OPTIONS)
     rank, world, device = distributed()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,11 +396,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     # -- data -------------------------------------------------------------------------------
     stream = TokenLabelStream(stream_config(config), rank=rank, world_size=world)
     num_classes = stream.num_classes
+    steps_per_epoch = epoch_steps(stream, config)  # epoch 0's: the schedule's unit
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"an epoch would make no step: {len(stream)} training images, dealt by shards of "
+            f"{stream.shard_size} to {world} process(es) x {max(1, config.workers)} loader "
+            f"stream(s), fill no batch of --batch-size {config.batch_size} (each stream batches "
+            "its own images): lower --batch-size or --workers")
 
     # -- model, optimizer -------------------------------------------------------------------
     model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
                          mix_token=config.mix_token, **config.model_kwargs)
-    if config.init and not (resume and (out / "last.pt").is_file()):
+    checkpoint_path = out / "last.pt"
+    # exists(), not is_file(): a directory or FIFO there is refused, not trained over
+    resumed = resume and checkpoint_path.exists()
+    if config.init and not resumed:
         # New heads when the class count differs; the position embedding follows the grid.
         load_weights(model, read_checkpoint(Path(config.init)).weights, new_heads=True)
     model = model.to(device)
@@ -305,19 +423,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     ema = build_ema(model, config.ema)
     train_step = TrainStep(net, model, optimizer, config, num_classes, device, ema)
     peak_lr = base_lr(config, world)
-    steps_per_epoch = max(1, len(stream) // (config.batch_size * world))
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
     # -- resume -----------------------------------------------------------------------------
     step, start_epoch, epoch_step = 0, 0, 0
-    checkpoint_path = out / "last.pt"
-    if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
+    if resumed:
+        state = restore_run(checkpoint_path, device, model, optimizer, ema)
         step, epoch_step = state["step"], state["epoch_step"]
         torch.set_rng_state(state["rng"])  # MixToken boxes and drop-path draw from it
         stream.position = StreamPosition.from_dict(state["position"])
@@ -334,25 +444,30 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         torch.save(state, out / f"{name}.tmp")
         os.replace(out / f"{name}.tmp", out / name)  # a crash mid-save keeps the old file
 
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    metrics_file = open_metrics(out / "metrics.jsonl", step if resumed else None) \
+        if rank == 0 else None
     board = tensorboard_writer(out) if rank == 0 else None
     last: dict = {}
+    skipped: collections.Counter[str] = collections.Counter()
 
     for epoch in range(start_epoch, config.epochs):
         stream.set_epoch(epoch)  # keeps a resumed position within its epoch
         position = stream.position
+        stream.track_skips(config.workers)
         # Its own generator: creating the loader then draws nothing from the global RNG, so a
         # resumed run's RNG stays where the checkpoint left it.
         loader = DataLoader(stream, batch_size=config.batch_size, num_workers=config.workers,
                             pin_memory=device.type == "cuda", drop_last=True,
                             generator=torch.Generator().manual_seed(config.seed + epoch))
         model.train()
-        bar = tqdm(loader, total=steps_per_epoch, disable=rank != 0 or not config.progress,
-                   desc=f"epoch {epoch}",
-                   unit="step")
+        this_epoch = epoch_steps(stream, config)
+        bar = tqdm(total=this_epoch, initial=epoch_step,
+                   disable=rank != 0 or not config.progress, desc=f"epoch {epoch}", unit="step")
+        batches = iter(loader)
         began, seen = time.perf_counter(), 0
-        for batch in bar:
-            if epoch_step >= steps_per_epoch:
+        while epoch_step < this_epoch:
+            batch = next(batches, None)
+            if not every_rank_has(batch, world, device):  # samples skipped: a batch fewer
                 break
             metrics = train_step(batch, lr_at(step, config, steps_per_epoch, peak_lr))
             step += 1
@@ -362,6 +477,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                                       strict=True):
                 position.consumed[stream_id] = max(position.consumed.get(stream_id, 0), seq + 1)
             last = {"epoch": epoch, "step": step, **metrics}
+            bar.update()
             bar.set_postfix(loss=f"{last['loss']:.3f}")
             if metrics_file:
                 metrics_file.write(json.dumps(last) + "\n")
@@ -372,7 +488,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                         board.add_scalar(f"train/{key}", last[key], step)
             if config.save_every and step % config.save_every == 0:
                 save("last.pt", position, epoch_step)  # mid-epoch: resumes in the same order
+        bar.close()
+        del batches  # its workers stop now, so the skip counts read next are final
+        counts = epoch_skips(stream, world, device)
+        if epoch_step == 0:
+            raise ValueError(f"epoch {epoch} made no step: too few samples were left to fill "
+                             f"a batch of {config.batch_size} (skipped: {dict(counts)})")
+        skipped += report_skips(epoch, counts, rank)
         last["images_per_s"] = seen * world / max(1e-9, time.perf_counter() - began)
+        last["skipped_images"] = dict(skipped)
         epoch_step = 0
         save(f"epoch{epoch:04d}.pt", StreamPosition(epoch + 1), 0)
         save("last.pt", StreamPosition(epoch + 1), 0)

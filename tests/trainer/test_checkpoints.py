@@ -26,7 +26,7 @@ OFFICIAL = Path(__file__).resolve().parent.parent / "fixtures" / "lvvit_official
 
 @pytest.fixture(scope="module")
 def official() -> dict:
-    return torch.load(OFFICIAL, weights_only=False)
+    return torch.load(OFFICIAL, weights_only=True)
 
 
 def outputs(model: torch.nn.Module, x: torch.Tensor):

@@ -43,6 +43,8 @@ def labeled(tmp_path_factory) -> tuple[Path, str]:
         block.logits[:] = np.sort(rng.normal(size=block.logits.shape), axis=1)[:, ::-1]
         block.classes[:] = rng.integers(0, 3, size=block.classes.shape)
         block.lse[:] = 2.0
+        block.global_logits[:] = block.logits[:, :, 0, 0]
+        block.global_classes[:] = block.classes[:, :, 0, 0]
         block.status[:] = [ImageStatus.UNREADABLE if i in FAILED else ImageStatus.LABELED
                            for i in range(block.start, block.stop)]
         labelset.write_shard(shard, block)

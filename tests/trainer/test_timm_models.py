@@ -79,5 +79,6 @@ def test_a_tiny_timm_vit_trains_resumes_and_evaluates(labeled, tmp_path):  # noq
     scores = json.loads(result.output)
     assert scores["images"] > 0 and 0 <= scores["top1"] <= scores["top5"] <= 1
     result = runner.invoke(main, ["train", *common, "--model", "timm:resnet18", "--out",
-                                  str(tmp_path / "r"), "--input-size", "32"])
+                                  str(tmp_path / "r"), "--input-size", "32", "--batch-size", "8",
+                                  "--workers", "0"])
     assert result.exit_code == 1 and "token labeling supports" in result.output

@@ -92,12 +92,12 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(labeled, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train(cut)
     monkeypatch.setattr(train_module, "token_labeling_loss", real_loss)
-    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert state["epoch_step"] == 3 and state["position"]["epoch"] == 0
     train(cut, resume=True)
 
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6  # 48 images in batches of 8
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
@@ -155,7 +155,7 @@ def test_torchrun_two_processes_train_with_ddp(labeled, tmp_path):
          "--model-kwargs", json.dumps(TINY)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 47 // (4 * 2)  # 47 training images over 2 ranks x batches of 4
 
 
@@ -172,14 +172,15 @@ def test_fine_tuning_from_the_official_checkpoint(labeled, tmp_path):
         "--val-permille", "0", "--init", str(official), "--out", str(tmp_path), "--no-progress"],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    state = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
-    start = torch.load(official, weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    start = torch.load(official, weights_only=True)["state_dict"]
     torch.testing.assert_close(state["blocks.1.mlp.fc2.weight"], start["blocks.1.mlp.fc2.weight"])
     assert state["head.weight"].shape == (3, 48) and state["pos_embed"].shape == (1, 5, 48)
 
     result = CliRunner().invoke(main, [
         "train", "--store", str(store), "--dataset", "toy", "--labels", labels, "--model",
-        "lvvit_s", "--input-size", "32", "--init", str(official), "--out", str(tmp_path / "x")])
+        "lvvit_s", "--input-size", "32", "--batch-size", "8", "--workers", "0", "--init",
+        str(official), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "do not fit" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
@@ -194,7 +195,7 @@ def test_the_lvvit_recipe_trains_and_explicit_options_win(labeled, tmp_path):
         "--max-steps-per-epoch", "3", "--val-permille", "0", "--recipe", "lvvit",
         "--beta", "0.5", "--out", str(tmp_path), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    config = torch.load(tmp_path / "last.pt", weights_only=False)["config"]
+    config = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
     assert config["rand_augment"] and config["random_erase"] == 0.25
     assert config["color_jitter"] == 0.0
     assert config["target_mode"] == "official" and config["ema"] == 0.99992

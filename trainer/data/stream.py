@@ -6,10 +6,23 @@ labeled images through a seeded shuffle buffer of image indices. Because the ord
 from indices alone (the ``status`` array, no image or label I/O), a resumed run skips exactly the
 samples its checkpoint says were consumed and goes on in the same order.
 
-Labels, and the manifest rows the stream uses (paths, sizes, classes), are read one whole shard
-at a time (one zarr read per array per shard), so a rank holds no whole-dataset column but the
-usable mask (ImageNet-21k's paths alone are ~0.5 GB); images are decoded in the DataLoader
-workers; zarr is opened lazily inside each worker (the dataset object holds only a path).
+Labels, and the manifest rows the stream uses (paths, digests, byte sizes, dimensions, classes),
+are read one whole shard at a time (one zarr read per array per shard), so a rank holds no
+whole-dataset column but the usable mask (ImageNet-21k's paths alone are ~0.5 GB); images are
+decoded in the DataLoader workers; zarr is opened lazily inside each worker (the dataset object
+holds only a path).
+
+Nothing is trained on unchecked. An image is read as labeling reads it
+(:func:`open_registered`): only the file registered (its sha256 and byte size), a regular file
+(a FIFO is refused, never waited on), inside the dataset's folder (a symlink out is refused),
+within the pixel limit. Labels are used only where their shard's status says labeled and the
+labels are all there (``LabelSet.damaged``), whatever the completion summary says: both are
+checked per shard as it is read. A sample that fails either is skipped, counted by reason
+(:data:`SKIP_REASONS`, :meth:`TokenLabelStream.skipped_images`), and the next sample of the same
+stream takes its place in the batch: batches stay full and of one shape, the order of every other
+sample is unchanged (its random draws are made whether it is skipped or not), and a stream that
+loses samples this way may give fewer batches (the trainer stops an epoch where the first rank
+runs out).
 Augmentation that moves pixels (RandomResizedCrop, horizontal flip) is done here with an explicit
 box, returned with the sample so the labels can be cropped by the very same box on the device
 (``trainer.labels.roi_align_labels``).
@@ -24,12 +37,12 @@ from typing import Generic, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
-from storage import Dataset, LabelSet, PathColumn, Store, StoreError
-from storage.images import to_rgb
+from storage import Dataset, ImageStatus, LabelBlock, LabelSet, PathColumn, Store, StoreError
+from storage.images import DEFAULT_MAX_PIXELS, ImageRejected, open_rgb, read_image_bytes
 from trainer.augment import (
     IDENTITY_THETA,
     RandAugmentConfig,
@@ -44,6 +57,19 @@ from trainer.labels import image_box_to_grid, sample_crop
 
 class FingerprintMismatch(StoreError):
     """The label set was made for other images than the dataset now lists."""
+
+
+# Why a sample is skipped: its image failed to read as registered (the ImageStatus it would get
+# when labeling), or its labels are not there after all (status not labeled, labels damaged).
+SKIP_REASONS = (*(status.name.lower() for status in ImageStatus if status > 0), "not_labeled",
+                "labels_damaged")
+NOT_LABELED, LABELS_DAMAGED = len(SKIP_REASONS) - 2, len(SKIP_REASONS) - 1
+
+
+def by_reason(counts: torch.Tensor) -> dict[str, int]:
+    """Skip counts ``[len(SKIP_REASONS)]`` by reason, the reasons that occurred only."""
+    return {reason: count for reason, count in zip(SKIP_REASONS, counts.tolist(), strict=True)
+            if count}
 
 
 @dataclass
@@ -65,6 +91,7 @@ class StreamConfig:
     # The stream yields uint8; trainer.data.normalize.Normalize applies these on the device.
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression bombs)
 
 
 @dataclass
@@ -118,8 +145,53 @@ class ShardRows:
 
     start: int
     paths: PathColumn
+    sha256: np.ndarray  # uint8 [n, 32]: the registered digests
+    byte_sizes: np.ndarray | None  # int64 [n]; None for datasets registered without them
     sizes: np.ndarray  # int32 [n, 2]: width, height
     targets: np.ndarray  # int32 [n]
+
+    @classmethod
+    def read(cls, dataset: Dataset, start: int, stop: int) -> ShardRows:
+        return cls(start, dataset.paths(start, stop), dataset.sha256(start, stop),
+                   dataset.sizes(start, stop),
+                   np.stack([dataset.column("width", start, stop),
+                             dataset.column("height", start, stop)], axis=1),
+                   dataset.column("class", start, stop))
+
+    def open(self, index: int, root: Path, max_pixels: int) -> Image.Image:
+        """Image ``index`` (a dataset row of these rows), as :func:`open_registered` reads it."""
+        row = index - self.start
+        size = None if self.byte_sizes is None else int(self.byte_sizes[row])
+        return open_registered(root, self.paths[row], self.sha256[row], size, max_pixels)
+
+
+def open_registered(root: Path, path: str, sha256: np.ndarray, byte_size: int | None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Image ``path`` of the dataset registered from folder ``root``, decoded, oriented and RGB,
+    if it is still what was registered: the same bytes (``sha256``, and ``byte_size`` when the
+    manifest has it, checked before reading), a regular file inside ``root``, within
+    ``max_pixels``; else :class:`~storage.images.ImageRejected` with the status labeling would
+    give it."""
+    data = read_image_bytes(root / path, sha256.tobytes(), root=root, expected_size=byte_size)
+    return open_rgb(data, max_pixels, name=path)
+
+
+@dataclass
+class LabelShard:
+    """One shard's labels, and per image why they cannot be trained on (an index into
+    :data:`SKIP_REASONS`, -1 where they can)."""
+
+    block: LabelBlock
+    refused: np.ndarray  # int [n]
+
+    @classmethod
+    def read(cls, labelset: LabelSet, shard: int) -> LabelShard:
+        """The shard's block, checked as a whole: its status records, not the completion
+        summary the order was computed from, and its labels' presence."""
+        block = labelset.read_shard(shard)
+        refused = np.where(block.status != ImageStatus.LABELED, NOT_LABELED, -1)
+        refused[labelset.damaged(block)] = LABELS_DAMAGED
+        return cls(block, refused)
 
 
 class TokenLabelStream(IterableDataset):
@@ -152,6 +224,7 @@ class TokenLabelStream(IterableDataset):
         self._labelset: LabelSet | None = None  # opened lazily in each worker
         self._dataset: Dataset | None = None
         self._rows: RecentShards[ShardRows] | None = None
+        self.track_skips(0)
 
     def __getstate__(self) -> dict:
         # Sent to DataLoader workers without open arrays or cached rows: each opens its own.
@@ -163,6 +236,31 @@ class TokenLabelStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.position.epoch:
             self.position = StreamPosition(epoch)
+
+    # -- skipped samples ----------------------------------------------------------------------
+
+    def track_skips(self, num_workers: int) -> None:
+        """Count skipped samples anew, where this process can read them back
+        (:meth:`skipped_images`) from ``num_workers`` DataLoader workers: a row per worker, in
+        shared memory (each worker writes only its own row). Call it before making the loader."""
+        self.skip_counts = torch.zeros(max(1, num_workers), len(SKIP_REASONS), dtype=torch.int64)
+        if num_workers:
+            self.skip_counts.share_memory_()
+
+    def skipped_images(self) -> dict[str, int]:
+        """Samples skipped since :meth:`track_skips`, by reason (only reasons that occurred)."""
+        return by_reason(self.skip_counts.sum(0))
+
+    def full_batches(self, batch_size: int, num_workers: int) -> int:
+        """Full batches of ``batch_size`` each rank's DataLoader gives this epoch, if every
+        image reads: the least over the ranks. Each (rank, worker) stream batches its own
+        shards' images and drops its last partial batch."""
+        per_shard = np.bincount(np.flatnonzero(self.usable) // self.shard_size,
+                                minlength=self.num_shards)
+        streams = self.streams(num_workers)
+        batches = [per_shard[self.shards_of(stream, streams)].sum() // batch_size
+                   for stream in range(streams)]
+        return int(np.reshape(batches, (self.world_size, -1)).sum(1).min())
 
     # -- order ----------------------------------------------------------------------------
 
@@ -203,20 +301,32 @@ class TokenLabelStream(IterableDataset):
         if self._labelset is None:
             store = Store.open(self.config.store, mode="r")
             self._labelset = store.dataset(self.config.dataset).labelset(self.config.labelset)
-        skip = self.position.consumed.get(stream, 0)
+        consumed = self.position.consumed.get(stream, 0)
         generator = torch.Generator().manual_seed(
             (self.config.seed * 1_000_003 + self.position.epoch) * 65_537 + stream)
-        blocks = RecentShards(self._labelset.read_shard, keep=5)
+        labelset = self._labelset
+        labels = RecentShards(lambda shard: LabelShard.read(labelset, shard), keep=5)
+        # a worker's own row (track_skips); a stream set up for fewer workers counts locally
+        if worker >= len(self.skip_counts):
+            self.skip_counts = torch.zeros(num_workers, len(SKIP_REASONS), dtype=torch.int64)
+        skips = self.skip_counts[worker]
         for seq, index in enumerate(self.order(stream, streams)):
             # drawn for skipped samples too, so a resumed stream draws the same boxes after them
             box, flip = self.sample_box(index, generator)
             colour = self.sample_colour(generator)
             augmentation, erase_box = self.sample_recipe(generator)
-            if seq < skip:
+            if seq < consumed:
                 continue
-            block = blocks[index // self.shard_size]
-            row = index - block.start
-            image = self.load_image(index, box, flip, colour)
+            shard = labels[index // self.shard_size]
+            block, row = shard.block, index - shard.block.start
+            if shard.refused[row] >= 0:
+                skips[int(shard.refused[row])] += 1
+                continue
+            try:
+                image = self.load_image(index, box, flip, colour)
+            except ImageRejected as e:
+                skips[SKIP_REASONS.index(e.status.name.lower())] += 1
+                continue
             if augmentation is not None:
                 image = augment_image(image, augmentation, self.config.rand_augment)
             if erase_box is not None:
@@ -248,12 +358,7 @@ class TokenLabelStream(IterableDataset):
         if self._dataset is None:
             self._dataset = Store.open(self.config.store, mode="r").dataset(self.config.dataset)
         start = shard * self.shard_size
-        stop = min(start + self.shard_size, self.num_images)
-        dataset = self._dataset
-        return ShardRows(start, dataset.paths(start, stop),
-                         np.stack([dataset.column("width", start, stop),
-                                   dataset.column("height", start, stop)], axis=1),
-                         dataset.column("class", start, stop))
+        return ShardRows.read(self._dataset, start, min(start + self.shard_size, self.num_images))
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) of image ``index`` after EXIF orientation, from the manifest."""
@@ -304,12 +409,12 @@ class TokenLabelStream(IterableDataset):
 
     def load_image(self, index: int, box: tuple, flip: bool,
                    colour: tuple[float, float, float] | None = None) -> torch.Tensor:
-        """Decode (full resolution: a small crop needs every pixel), orient, crop by ``box`` and
-        resize in one resampling, then flip and adjust colours."""
+        """Read as registered (:func:`open_registered`; ImageRejected if it is not), decode (full
+        resolution: a small crop needs every pixel), orient, crop by ``box`` and resize in one
+        resampling, then flip and adjust colours."""
         size = self.config.image_size
         rows = self.shard_rows(index // self.shard_size)
-        with Image.open(self.source_root / rows.paths[index - rows.start]) as img:
-            picture = to_rgb(ImageOps.exif_transpose(img))
+        picture = rows.open(index, self.source_root, self.config.max_pixels)
         crop = picture.resize((size, size), Image.Resampling.BICUBIC, box=box)
         if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -9,7 +9,7 @@ Variants register themselves when their module is imported (below).
 from __future__ import annotations
 
 from trainer.models import lvvit, vit
-from trainer.models._registry import create_model, list_models, register_model
+from trainer.models._registry import check_options, create_model, list_models, register_model
 from trainer.models.lvvit import LVViT, LVViTConfig
 from trainer.models.vit import VisionTransformer, ViTConfig
 
@@ -18,6 +18,7 @@ __all__ = [
     "LVViTConfig",
     "ViTConfig",
     "VisionTransformer",
+    "check_options",
     "create_model",
     "list_models",
     "lvvit",

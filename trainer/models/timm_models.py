@@ -17,6 +17,8 @@ and any other keyword timm's constructor takes.
 
 from __future__ import annotations
 
+import re
+
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
@@ -46,6 +48,12 @@ def create_timm_model(name: str, num_classes: int = 1000, img_size: int = 224,
         with torch.device("meta"):  # the class only: no memory, no initialisation
             probe = timm.create_model(name, **{**options, "num_classes": 1})
     except TypeError as e:  # a constructor without img_size etc.: not a ViT-family model
+        refused = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if refused and refused[1] in kwargs:
+            raise ValueError(f"timm model {name!r} has no option {refused[1]!r}") from None
+        if kwargs:  # the user's options, of a type the constructor cannot take
+            raise ValueError(f"timm model {name!r} cannot take the options "
+                             f"{kwargs} ({e})") from None
         raise ValueError(f"token labeling supports {SUPPORTED}; {name!r} is not one ({e})") \
             from None
     if isinstance(probe, VOLO):
