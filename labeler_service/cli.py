@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from labeler_service.checkpoint_files import OUTPUT_STRIDES
 from labeler_service.settings import INPUT_SIZE_MAX, INPUT_SIZE_MIN
 from storage import Store, StoreError
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
@@ -70,9 +71,18 @@ def datasets_add(name: str, directory: Path, store_location: str) -> None:
 @user_errors
 def datasets_list(store_location: str) -> None:
     """List datasets and their label sets."""
+    from storage.errors import DatasetUnfinished
+
     store = Store.open(store_location, mode="r")
     for name in store.dataset_names():
-        dataset = store.dataset(name)
+        try:
+            dataset = store.dataset(name)
+        except DatasetUnfinished:  # a registration in progress, paused or interrupted
+            click.echo(f"{name}\tunfinished registration (in progress, paused or interrupted)")
+            continue
+        except StoreError as e:  # one damaged dataset hides none of the others
+            click.echo(f"{name}\tcannot be read: {e}")
+            continue
         click.echo(f"{name}\t{dataset.num_images} images\t{dataset.source_root}")
         for labelset_id in dataset.labelset_ids():
             labelset = dataset.labelset(labelset_id)
@@ -101,7 +111,7 @@ def datasets_list(store_location: str) -> None:
 @click.option("--input-size", type=click.IntRange(INPUT_SIZE_MIN, INPUT_SIZE_MAX), required=True,
               help="The whole image is resized to this square size.")
 @click.option("--topk", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default=None,
+@click.option("--output-stride", type=click.Choice([str(s) for s in OUTPUT_STRIDES]), default=None,
               help="Dilate the teacher to this stride for a denser grid (default: the "
                    "checkpoint's from `labeler teacher fit`, else the model's own).")
 @store_option
@@ -201,7 +211,7 @@ def teacher() -> None:
               help="Peak AdamW learning rate (default: 3e-3; 2e-4 fine-tuning a checkpoint).")
 @click.option("--val-permille", type=click.IntRange(0, 999), default=100, show_default=True,
               help="Images held out by path hash to measure the teacher, per mille.")
-@click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default=None,
+@click.option("--output-stride", type=click.Choice([str(s) for s in OUTPUT_STRIDES]), default=None,
               help="Dilate the model to this stride (e.g. 16: a grid twice as dense at the same "
                    "input size); recorded, so `labeler label` uses it too.")
 @click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
@@ -266,7 +276,7 @@ def evaluate_labels_cmd(labelset_id: str, masks: Path | None, val_permille: int 
     """Score LABELSET's dense maps against per-pixel ground truth; record it in the label set."""
     import json
 
-    from labeler_service.quality import describe_quality, evaluate_labels
+    from labeler_service.quality import describe_left_out, describe_quality, evaluate_labels
 
     store = Store.open(store_location)
     labelset = store.labelset(labelset_id)
@@ -278,6 +288,9 @@ def evaluate_labels_cmd(labelset_id: str, masks: Path | None, val_permille: int 
     for split in ("all", "held_out"):
         if split in result:
             click.echo(describe_quality(result, split))
+    left_out = describe_left_out(result)
+    if left_out:
+        click.echo(left_out)
 
 
 # -- samples ----------------------------------------------------------------------------------
@@ -291,12 +304,20 @@ def sample() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@store_option
 @user_errors
-def sample_scenes(directory: Path, images: int, seed: int) -> None:
-    """Synthetic scenes with per-pixel ground truth: an ImageFolder under DIRECTORY."""
+def sample_scenes(directory: Path, images: int, seed: int, store_location: str) -> None:
+    """Synthetic scenes with per-pixel ground truth: an ImageFolder under DIRECTORY.
+
+    DIRECTORY must be new, empty, or hold scenes made by this command; scenes a dataset of the
+    store was registered from are never deleted or changed."""
     from labeler_service.scenes import SCENE_CLASSES, make_scenes
 
-    make_scenes(directory, images=images, seed=seed)
+    try:
+        store = Store.open(store_location, mode="r")
+    except StoreError:
+        store = None  # no store there: no dataset registered in it
+    make_scenes(directory, images=images, seed=seed, store=store)
     click.echo(f"{images} scenes of {len(SCENE_CLASSES)} classes in {directory} (masks beside "
                f"the images: docs/scenes-format.md)")
 
@@ -386,15 +407,13 @@ def import_tokenlabeling_cmd(dataset: str, directory: Path, store_location: str,
               help="uvicorn worker processes.")
 @user_errors
 def api(host: str, port: int, workers: int) -> None:
-    """Serve the REST API (settings from LABELER_* environment variables)."""
-    import uvicorn
-
+    """Serve the REST API (settings from LABELER_* environment variables), with limits on
+    request heads and connections (labeler_service/api/server.py)."""
+    from labeler_service.api.server import serve
     from labeler_service.settings import get_settings
 
     get_settings().api_key_list()  # a key clients cannot send: one line now, not at start-up
-
-    uvicorn.run("labeler_service.api.main:create_app", factory=True, host=host, port=port,
-                workers=workers, proxy_headers=True, log_level="info")
+    serve(host, port, workers)
 
 
 @main.command()

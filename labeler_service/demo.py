@@ -112,8 +112,8 @@ def make_labels(directory: Path, store_location: str, config: DemoConfig,
     images = directory / "scenes"
     step(echo, f"scenes: {config.images} images of {len(SCENE_CLASSES)} classes, masks beside them",
          f"labeler sample scenes {images} --images {config.images} --seed {config.seed}")
-    make_scenes(images, images=config.images, seed=config.seed)
     store = Store.open(store_location)
+    make_scenes(images, images=config.images, seed=config.seed, store=store)
     dataset, created = store.add_dataset(DATASET, images)
     echo(f"{DATASET}: {'registered' if created else 'already registered'}: "
          f"{dataset.num_images} images, {len(dataset.class_names)} classes")

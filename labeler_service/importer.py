@@ -12,6 +12,8 @@ The public generator centre-cropped the image, which the label set records as ``
 
 from __future__ import annotations
 
+import io
+import itertools
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,12 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from labeler_service.labeling import check_class_space
+from labeler_service.labeling import check_class_space, disk_full_is_said
 from labeler_service.teacher import imagenet_class_names
-from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
+from storage import ImageStatus, LabelSet, LabelSetConfig, PathColumn, Store, TeacherSpec
+from storage.images import ImageRejected, read_image_bytes
 from storage.labelset import DEFAULT_SHARD_SIZE
 
 FP16_EXACT_INTEGERS = 2048  # float16 holds every integer up to 2048, and not all above
+PROBE_LIMIT = 100  # label files tried for the layout before the import is refused
 
 
 @dataclass
@@ -93,13 +97,31 @@ def match_label_files(label_dir: Path, paths: np.ndarray) -> LabelFileMatch:
     return LabelFileMatch(files, full, official, len(present - used))
 
 
+def load_label_file(path: Path) -> object:
+    """What a label file holds, read as images are read (``storage.images.read_image_bytes``:
+    a regular file only, opened without blocking, so a FIFO is refused, not waited on), then
+    unpickled with tensors only (``weights_only``). Raises FileNotFoundError if it is missing,
+    ValueError saying why it cannot be read."""
+    try:
+        data = read_image_bytes(path)
+    except ImageRejected as e:
+        if e.status == ImageStatus.MISSING_FILE:
+            raise FileNotFoundError(e.reason) from None
+        raise ValueError(e.reason) from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a file that is no checkpoint
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: {type(e).__name__}: {reason}") from None
+
+
 def read_label_file(path: Path, topk: int, grid: tuple[int, int], num_classes: int):
     """(logits [K,H,W] f16, classes [K,H,W] int) or an ImageStatus saying why not."""
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        tensor = load_label_file(path)
     except FileNotFoundError:
         return ImageStatus.LABEL_FILE_MISSING
-    except Exception:
+    except ValueError:
         return ImageStatus.LABEL_FILE_INVALID
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (2, topk, *grid):
         return ImageStatus.LABEL_FILE_INVALID
@@ -115,19 +137,26 @@ def read_label_file(path: Path, topk: int, grid: tuple[int, int], num_classes: i
 
 
 def probe_layout(label_dir: Path, match: LabelFileMatch) -> tuple[int, tuple[int, int]]:
-    """Top-K and grid from the first label file matched."""
-    for rel in match.files:
-        if rel is None:
-            continue
+    """Top-K and grid from the first readable label file matched. Files that are not label
+    files are passed over (the import gives each its status); only when none of the first
+    ``PROBE_LIMIT`` is one is the import refused."""
+    first_problem = None
+    matched = (rel for rel in match.files if rel is not None)
+    for rel in itertools.islice(matched, PROBE_LIMIT):
         f = label_dir / rel
         try:
-            tensor = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{f} is not a TokenLabeling label file: {e}") from None
+            tensor = load_label_file(f)
+        except (FileNotFoundError, ValueError) as e:
+            first_problem = first_problem or str(e)
+            continue
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[0] != 2:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
-            raise ValueError(f"{f}: {shape}, expected a tensor of shape [2, K, H, W]")
+            first_problem = first_problem or f"{f}: {shape}, not a tensor of shape [2, K, H, W]"
+            continue
         return int(tensor.shape[1]), (int(tensor.shape[2]), int(tensor.shape[3]))
+    if first_problem is not None:
+        raise ValueError(f"none of the first {PROBE_LIMIT} label files matched is a TokenLabeling "
+                         f"label file (e.g. {first_problem})")
     raise FileNotFoundError(
         f"no label file under {label_dir} matches an image of the dataset (expected <image path "
         "without suffix>.pt, or <class folder>/<name up to its first dot>.pt)")
@@ -154,16 +183,26 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
     label_dir = Path(label_dir)
     match = match_label_files(label_dir, manifest.path)
     topk, grid = probe_layout(label_dir, match)
-    labelset = dataset.create_labelset(LabelSetConfig(
-        teacher=teacher, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
-        shard_size=shard_size, chunk_size=chunk_size,
-        extra={"source": "tokenlabeling-import", "import_dir": str(label_dir.resolve())}))
-    todo = labelset.pending_shards()
-    report = ImportReport(labelset.id, shards_skipped=labelset.num_shards - len(todo),
-                          matched_full_path=match.full_path, matched_official=match.official,
-                          images_without_file=match.files.count(None),
-                          files_unmatched=match.unmatched_files)
+    with disk_full_is_said(store, "the import"):
+        labelset = dataset.create_labelset(LabelSetConfig(
+            teacher=teacher, topk=topk, grid=grid, dataset_fingerprint=dataset.fingerprint,
+            shard_size=shard_size, chunk_size=chunk_size,
+            extra={"source": "tokenlabeling-import", "import_dir": str(label_dir.resolve())}))
+        todo = labelset.pending_shards()
+        report = ImportReport(labelset.id, shards_skipped=labelset.num_shards - len(todo),
+                              matched_full_path=match.full_path, matched_official=match.official,
+                              images_without_file=match.files.count(None),
+                              files_unmatched=match.unmatched_files)
+        import_shards(labelset, todo, label_dir, match, manifest.path, num_classes, workers,
+                      progress, report)
+        labelset.record_completion()
+    return report
 
+
+def import_shards(labelset: LabelSet, todo: list[int], label_dir: Path, match: LabelFileMatch,
+                  paths: PathColumn, num_classes: int, workers: int, progress: bool,
+                  report: ImportReport) -> None:
+    """Read the label files of shards ``todo`` (``workers`` threads) and write each shard."""
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
             total=sum(e - s for s, e in map(labelset.shard_range, todo)), unit="img",
             disable=not progress) as bar:
@@ -171,9 +210,10 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
             block = labelset.empty_block(shard)
             # an image without a file reads a path that does not exist: LABEL_FILE_MISSING
             files = [label_dir / (rel or label_file_for(p)) for rel, p in
-                     zip(match.files[block.start:block.stop],
-                         manifest.path[block.start:block.stop], strict=True)]
-            results = pool.map(lambda f: read_label_file(f, topk, grid, num_classes), files)
+                     zip(match.files[block.start:block.stop], paths[block.start:block.stop],
+                         strict=True)]
+            results = pool.map(lambda f: read_label_file(f, labelset.topk, labelset.grid,
+                                                         num_classes), files)
             for row, result in enumerate(results):
                 if isinstance(result, ImageStatus):
                     block.status[row] = result
@@ -185,5 +225,3 @@ def import_tokenlabeling(store: Store, dataset_name: str, label_dir: Path, num_c
             labelset.write_shard(shard, block)
             report.shards_written += 1
             bar.update(len(block))
-    labelset.record_completion()
-    return report

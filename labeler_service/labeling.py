@@ -9,6 +9,7 @@ goes on with the next batches.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -39,6 +40,7 @@ from storage import (
     LabelSet,
     LabelSetConfig,
     Store,
+    StoreError,
     TeacherSpec,
 )
 from storage import Dataset as StoreDataset
@@ -60,6 +62,28 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 class LabelSpaceMismatch(ValueError):
     """The teacher's classes and the dataset's classes are not the same label space."""
+
+
+class StoreDiskFull(StoreError):
+    """The store's disk, or the user's quota on it, is full. What was written is consistent:
+    whole shards only, so the same command resumes once there is space."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_is_said(store: Store, work: str = "labeling") -> Iterator[None]:
+    """An out-of-space OSError from writing ``store`` becomes StoreDiskFull, one line saying
+    so (zarr raises the filesystem's own OSError, from any of its writer threads)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise StoreDiskFull(f"the store's disk is full ({os.strerror(e.errno)}: {store.location})."
+                            f" Free some space and run the same command again: the shards "
+                            f"written so far are kept, and {work} resumes with the rest") from None
 
 
 @dataclass
@@ -100,16 +124,18 @@ class LabelingReport:
             self.images_failed[ImageStatus(int(code))] += int(count)
 
 
-ImageItem = tuple[int, str, bytes]  # (manifest index, relative path, registered raw sha256)
+# (manifest index, relative path, registered raw sha256, registered byte size or None)
+ImageItem = tuple[int, str, bytes, int | None]
 
 
 class ImageFileDataset(Dataset):
     """Decodes an :data:`ImageItem` into uint8 [S, S, 3]; failures come back as a status and
     reason.
 
-    Holds no manifest: each batch carries its images' paths and hashes, read shard by shard
-    (``shard_batches``), so neither a worker nor its decoding processes hold the paths of
-    shards they are not given (~1 GB for ImageNet-21k's).
+    Holds no manifest: each batch carries its images' paths, hashes and sizes, read shard by
+    shard (``shard_batches``), so neither a worker nor its decoding processes hold the paths of
+    shards they are not given (~1 GB for ImageNet-21k's). Files are read confined to ``root``
+    (a symlink out of it is OUTSIDE_ROOT) and never past their registered size.
     """
 
     def __init__(self, root: Path, size: int, interpolation: str, max_pixels: int):
@@ -117,9 +143,9 @@ class ImageFileDataset(Dataset):
         self.size, self.interpolation, self.max_pixels = size, interpolation, max_pixels
 
     def __getitem__(self, item: ImageItem) -> tuple[int, str, np.ndarray, int, str]:
-        index, name, sha256 = item
+        index, name, sha256, size = item
         try:
-            data = read_image_bytes(self.root / name, sha256)
+            data = read_image_bytes(self.root / name, sha256, root=self.root, expected_size=size)
             pixels = decode_image(data, self.size, self.interpolation, self.max_pixels, name=name)
             return index, name, pixels, int(ImageStatus.LABELED), ""
         except ImageRejected as e:
@@ -157,14 +183,17 @@ def default_workers(device: torch.device) -> int:
 def shard_batches(labelset: LabelSet, dataset: StoreDataset, shards: Sequence[int],
                   batch_size: int) -> Iterator[list[ImageItem]]:
     """Batches of at most ``batch_size`` images, each inside one shard, in shard order. Each
-    shard's paths and hashes are read from the store (one read per column) when the batches
-    reach it, so only the shards in flight are held."""
+    shard's paths, hashes and sizes are read from the store (one read per column) when the
+    batches reach it, so only the shards in flight are held. Sizes are None for a dataset
+    registered before they were recorded."""
     for shard in shards:
         start, stop = labelset.shard_range(shard)
         paths, sha256 = dataset.paths(start, stop), dataset.sha256(start, stop)
+        sizes = dataset.sizes(start, stop)
         for i in range(0, stop - start, batch_size):
             rows = range(i, min(i + batch_size, stop - start))
-            yield [(start + r, paths[r], sha256[r].tobytes()) for r in rows]
+            yield [(start + r, paths[r], sha256[r].tobytes(),
+                    None if sizes is None else int(sizes[r])) for r in rows]
 
 
 class ModelInput:
@@ -470,24 +499,27 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
                                         precision, output_stride)
     if not ignore_dataset_classes:
         check_class_space(dataset, spec)
-    labelset = dataset.create_labelset(labelset_config(dataset, spec, topk, grid, checkpoint,
-                                                       options.shard_size, options.chunk_size))
-    index, count = part
-    todo = [s for s in labelset.pending_shards(retry_failed=retry_failed) if s % count == index]
-    mine = [s for s in range(labelset.num_shards) if s % count == index]
-    report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
-    runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision)
-    if options.compile and todo:  # a rerun with nothing to label compiles nothing
-        runner.compile(largest_batch(labelset, options.batch_size), input_size)
-    report = label_shards(labelset, dataset, runner, todo, options, report=report)
-    report.agreement = labelset.attrs.get("agreement")
-    # Measured when this run completed the label set (a rerun with nothing to do writes nothing).
-    if (report.shards_written or report.agreement is None) and not report.stopped \
-            and labelset.is_complete():
-        from labeler_service.quality import record_agreement
+    with disk_full_is_said(store):
+        labelset = dataset.create_labelset(labelset_config(
+            dataset, spec, topk, grid, checkpoint, options.shard_size, options.chunk_size))
+        index, count = part
+        todo = [s for s in labelset.pending_shards(retry_failed=retry_failed)
+                if s % count == index]
+        mine = [s for s in range(labelset.num_shards) if s % count == index]
+        report = LabelingReport(labelset.id, len(mine), shards_skipped=len(mine) - len(todo))
+        runner = TeacherRunner(teacher, spec.mean, spec.std, topk, device, precision)
+        if options.compile and todo:  # a rerun with nothing to label compiles nothing
+            runner.compile(largest_batch(labelset, options.batch_size), input_size)
+        report = label_shards(labelset, dataset, runner, todo, options, report=report)
+        report.agreement = labelset.attrs.get("agreement")
+        # Measured when this run completed the label set (a rerun with nothing to do writes
+        # nothing).
+        if (report.shards_written or report.agreement is None) and not report.stopped \
+                and labelset.is_complete():
+            from labeler_service.quality import record_agreement
 
-        labelset.record_completion()
-        report.agreement = record_agreement(dataset, labelset)
+            labelset.record_completion()
+            report.agreement = record_agreement(dataset, labelset)
     return report
 
 

@@ -14,17 +14,22 @@ docs/store-format.md).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from labeler_service.labeling import label_space_problem
-from labeler_service.scenes import load_mask, mask_path
+from labeler_service.scenes import MaskRejected, load_mask, mask_path
 from storage import Dataset, ImageStatus, LabelSet, TeacherSpec
 
 AGREEMENT_TOPK = 5
 RELIABILITY_BINS = 10
+MAX_MASK_FAILURES = 10  # refused masks named in the result (all are counted)
+# How evaluate_labels counts each kind of refused mask (``MaskRejected.kind``) in its result.
+MASK_COUNTS = {"other_size": "masks_of_other_size", "unreadable": "masks_unreadable",
+               "unknown_class": "masks_with_unknown_classes"}
 
 
 # -- agreement ---------------------------------------------------------------------------------
@@ -183,8 +188,10 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
     ``load_mask``), on all labeled images and, with ``val_permille``, on the held-out split.
 
     ``val_permille`` defaults to the split the teacher was fitted with, when ``labeler teacher
-    fit`` fitted it on this dataset. Labels are read a shard at a time; images without a mask
-    are counted and left out. Recorded as the label set's ``label_quality`` attr.
+    fit`` fitted it on this dataset. Labels are read a shard at a time. Images without a mask,
+    and masks that cannot be used (unreadable, of another size, or holding values that are no
+    class of the dataset's), are counted and left out, the first few refused ones named.
+    Recorded as the label set's ``label_quality`` attr.
     """
     if not dataset.class_names:
         raise ValueError(f"dataset {dataset.name!r} has no classes: masks hold class indices "
@@ -199,9 +206,10 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
     manifest = dataset.manifest()
     status = labelset.status()
     masks_root = Path(masks_root)
+    num_classes = len(dataset.class_names)  # the teacher's too (label_space_problem)
 
     rows, truths, predicted, confidence = [], [], [], []
-    missing = mismatched = 0
+    missing, rejected, failures = 0, Counter(), []
     for shard in range(labelset.num_shards):
         start, stop = labelset.shard_range(shard)
         labeled = start + np.flatnonzero(status[start:stop] == ImageStatus.LABELED)
@@ -211,17 +219,25 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
         top1 = block.top1_probability()
         for i in labeled:
             try:
-                mask = load_mask(masks_root / manifest.path[i])
+                mask = load_mask(masks_root / manifest.path[i],
+                                 (int(manifest.height[i]), int(manifest.width[i])), num_classes,
+                                 root=masks_root)
             except FileNotFoundError:
                 missing += 1
                 continue
-            if mask.shape != (manifest.height[i], manifest.width[i]):
-                mismatched += 1
+            except MaskRejected as e:  # one bad file costs its image, never the evaluation
+                rejected[e.kind] += 1
+                if len(failures) < MAX_MASK_FAILURES:
+                    failures.append([manifest.path[i], str(e)])
                 continue
             rows.append(i)
             truths.append(cell_ground_truth(mask, labelset.grid, labelset.teacher))
             predicted.append(block.classes[i - start])
             confidence.append(top1[i - start])
+    if not rows and rejected:
+        raise ValueError(f"no usable mask under {masks_root} for a labeled image of "
+                         f"{dataset.name!r}: {sum(rejected.values())} refused, e.g. "
+                         f"{failures[0][1]}")
     if not rows:
         example = mask_path(masks_root / manifest.path[0]) if len(manifest) else masks_root
         raise FileNotFoundError(f"no mask under {masks_root} for a labeled image of "
@@ -229,16 +245,30 @@ def evaluate_labels(dataset: Dataset, labelset: LabelSet, masks_root: Path,
     rows_arr = np.asarray(rows)
     arrays = (np.stack(truths), np.stack(predicted).astype(np.int64), np.stack(confidence),
               manifest.label[rows_arr])
-    num_classes = labelset.teacher.num_classes
-    result: dict[str, Any] = {"masks": str(masks_root), "images_without_mask": missing,
-                              "masks_of_other_size": mismatched, "val_permille": val_permille,
-                              "all": dense_quality(*arrays, num_classes)}
+    result: dict[str, Any] = {
+        "masks": str(masks_root), "images_without_mask": missing,
+        **{key: rejected[kind] for kind, key in MASK_COUNTS.items()},
+        "mask_failures": failures, "val_permille": val_permille,
+        "all": dense_quality(*arrays, num_classes)}
     if val_permille:
         held = dataset.held_out(val_permille)[rows_arr]
         result["held_out"] = dense_quality(*(a[held] for a in arrays), num_classes)
     if record:
         labelset.record_summary("label_quality", result)
     return result
+
+
+def describe_left_out(result: dict[str, Any]) -> str | None:
+    """One line for people on the labeled images that were not scored, or None if none."""
+    counts = [(result["images_without_mask"], "without a mask"),
+              (result["masks_unreadable"], "with an unreadable mask"),
+              (result["masks_of_other_size"], "whose mask is of another size"),
+              (result["masks_with_unknown_classes"], "whose mask holds no class of the dataset")]
+    parts = [f"{count} {what}" for count, what in counts if count]
+    if not parts:
+        return None
+    example = f" (e.g. {result['mask_failures'][0][1]})" if result["mask_failures"] else ""
+    return f"labeled images left out: {', '.join(parts)}{example}"
 
 
 def describe_quality(result: dict[str, Any], split: str = "held_out") -> str:

@@ -23,12 +23,16 @@ import math
 import os
 import re
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from storage import ImageStatus, Store, StoreError
+from storage.images import ImageRejected, read_image_bytes
 
 FORMAT = "tokenlabel-scenes"
 FORMAT_VERSION = 1
@@ -652,13 +656,70 @@ def mask_path(image_path: Path) -> Path:
     return image_path.parent / (image_path.stem + MASK_SUFFIX)
 
 
-def load_mask(image_path: Path) -> np.ndarray:
-    """The int8 [H, W] class mask of an image (-1: background)."""
-    with np.load(mask_path(image_path)) as data:
-        mask = data[MASK_KEY]
-    if mask.dtype != np.int8 or mask.ndim != 2:
-        raise ValueError(f"{mask_path(image_path)}: not an int8 [H, W] mask")
+class MaskRejected(ValueError):
+    """A mask file that cannot be used. ``kind``: ``unreadable`` (not a regular file, outside
+    its folder, not a mask archive, not int8 [H, W]), ``other_size`` (not the image's height and
+    width) or ``unknown_class`` (a value that is neither -1 nor a class index)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def load_mask(image_path: Path, shape: tuple[int, int] | None = None,
+              num_classes: int | None = None, root: Path | None = None) -> np.ndarray:
+    """The int8 [H, W] class mask of an image (-1: background).
+
+    The file is read as images are (``storage.images.read_image_bytes``: a regular file only,
+    opened without blocking, and with ``root`` nowhere outside it), and its ``.npy`` header is
+    checked before anything is unpacked: int8, two-dimensional and, with ``shape``, the
+    image's (height, width), so a member claiming gigabytes costs nothing. With
+    ``num_classes``, every value must be -1 or below it. Raises FileNotFoundError when there is
+    no mask, MaskRejected when there is one that cannot be used.
+    """
+    path = mask_path(image_path)
+    try:
+        data = read_image_bytes(path, root=root)
+    except ImageRejected as e:
+        if e.status == ImageStatus.MISSING_FILE:
+            raise FileNotFoundError(f"{path}: no mask") from None
+        raise MaskRejected("unreadable", e.reason) from None
+    mask = unpack_mask(data, path, shape)
+    if num_classes is not None and mask.size:
+        low, high = int(mask.min()), int(mask.max())
+        if low < -1 or high >= num_classes:
+            raise MaskRejected("unknown_class", f"{path}: class value {low if low < -1 else high} "
+                                                f"is outside -1..{num_classes - 1}")
     return mask
+
+
+def unpack_mask(data: bytes, path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The mask in a ``.mask.npz``'s bytes: its ``mask.npy`` member's header first, then
+    exactly the bytes that header promises (checked as :func:`load_mask` says)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive, \
+                archive.open(MASK_KEY + ".npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found, fortran_order, dtype = read_header(member)
+            if dtype != np.int8 or len(found) != 2:
+                raise MaskRejected("unreadable", f"{path}: a {dtype} array of shape "
+                                                 f"{list(found)}, not an int8 [H, W] mask")
+            if shape is not None and tuple(found) != tuple(shape):
+                raise MaskRejected("other_size", f"{path}: {found[1]}x{found[0]}, not the "
+                                                 f"image's {shape[1]}x{shape[0]}")
+            body = member.read(found[0] * found[1])
+    except MaskRejected:
+        raise
+    except Exception as e:  # zipfile, zlib and numpy raise many kinds for a damaged file
+        raise MaskRejected("unreadable", f"{path}: not a mask archive ({type(e).__name__}: "
+                                         f"{str(e)[:200]})") from None
+    if len(body) != found[0] * found[1]:
+        raise MaskRejected("unreadable", f"{path}: its mask is cut short")
+    return np.frombuffer(body, np.int8).reshape(found, order="F" if fortran_order else "C")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -696,6 +757,55 @@ def mask_bytes(mask: np.ndarray, level: int = 1) -> bytes:
     return local + data + central + end
 
 
+def check_scenes_folder(root: Path, wanted: dict[str, Any], store: Store | None) -> None:
+    """Refuse (ScenesFolderRefused) to make the scenes ``wanted`` (seed, num_images, classes)
+    in ``root`` where that would write over files this module did not make, or delete or
+    change images of a dataset registered in ``store``."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return  # new or empty: nothing to lose
+    made = scenes_header(root)
+    if made is None:
+        raise ScenesFolderRefused(
+            f"{root} is not empty and holds no scenes made by `labeler sample scenes` (no "
+            f"{FORMAT} scenes.json): nothing there is written over; choose a new or empty folder")
+    same = all(made.get(k) == v for k, v in wanted.items())
+    users = datasets_registered_from(store, root) if store is not None and not same else []
+    if users:
+        raise ScenesFolderRefused(
+            f"{root} holds the images of dataset {users[0]!r}, registered in store "
+            f"{store.location} ({made.get('num_images')} scenes, seed {made.get('seed')}, "
+            f"{len(made.get('classes') or [])} classes): making {wanted['num_images']} scenes "
+            f"with seed {wanted['seed']} and {len(wanted['classes'])} classes there would "
+            "delete or change them; choose another folder")
+
+
+def scenes_header(root: Path) -> dict[str, Any] | None:
+    """The header of ``root/scenes.json`` (everything but the per-image records) when it
+    describes scenes made here, else None."""
+    try:
+        header = json.loads((root / "scenes.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        return None
+    return {k: v for k, v in header.items() if k != "images"}
+
+
+def datasets_registered_from(store: Store, folder: Path) -> list[str]:
+    """The datasets of ``store`` whose images are under ``folder``, or whose folder holds it.
+    (A registration still in progress has no folder recorded yet: it cannot be seen.)"""
+    here = Path(folder).resolve()
+    found = []
+    for name in store.dataset_names():
+        try:
+            source = Path(store.dataset(name).source_root)
+        except StoreError:
+            continue
+        if here == source or here in source.parents or source in here.parents:
+            found.append(name)
+    return found
+
+
 def _json_text(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """scenes.json: the header fields, then ``images`` with one compact record per line."""
     head = json.dumps(header, indent=1)[:-2]  # drop the closing "\n}"
@@ -708,16 +818,25 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
+class ScenesFolderRefused(ValueError):
+    """``make_scenes`` would write over or delete what it must not: files it did not make, or
+    the images of a registered dataset."""
+
+
 def make_scenes(root: Path, images: int = 1000, seed: int = 0,
-                num_classes: int = len(SCENE_CLASSES)) -> Path:
+                num_classes: int = len(SCENE_CLASSES), store: Store | None = None) -> Path:
     """Write ``images`` scenes as an ImageFolder ``root/<class>/<index:05d>.jpg`` with masks
     beside them and ``root/scenes.json``; return ``root``.
 
     Image ``i`` has class ``i % num_classes`` and is ``render_scene(i, seed, num_classes)``.
-    Writing over an earlier run gives identical bytes for identical arguments; files of this
-    naming pattern (``<digits>.jpg``, ``<digits>.mask.npz``) left in the class directories by a
-    larger earlier run are removed (and class directories left empty), so the folder holds
-    exactly this dataset.
+    ``root`` must be new, empty, or hold scenes this function made (its ``scenes.json``): it
+    never writes into a folder of other files. Writing over an earlier run gives identical
+    bytes for identical arguments; files of this naming pattern (``<digits>.jpg``,
+    ``<digits>.mask.npz``) left in the class directories by a larger earlier run are removed
+    (and class directories left empty), so the folder holds exactly this dataset. But where a
+    dataset of ``store`` was registered from the folder (or a folder around or inside it),
+    only the very same scenes may be made again: any other run would delete or change its
+    images (ScenesFolderRefused, saying which dataset).
     """
     if images < 0:
         raise ValueError("images must be >= 0")
@@ -725,6 +844,8 @@ def make_scenes(root: Path, images: int = 1000, seed: int = 0,
         raise ValueError(f"num_classes must be in 2..{len(SCENE_CLASSES)}, got {num_classes}")
     root = Path(root)
     classes = SCENE_CLASSES[:num_classes]
+    check_scenes_folder(root, {"seed": seed, "num_images": images, "classes": list(classes)},
+                        store)
     used = classes[:images]  # fewer images than classes: the first classes only
     root.mkdir(parents=True, exist_ok=True)
     for name in used:

@@ -10,7 +10,6 @@ silently mislabeled.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from timm.data import ImageNetInfo
 from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame
 from torch import nn
 
-from labeler_service.checkpoint_files import checkpoint_problem
+from labeler_service.checkpoint_files import TeacherError, checkpoint_problem, fitted_metadata
 from storage import Dataset, TeacherSpec
-
-# The metadata ``labeler teacher fit`` writes into its .safetensors checkpoints.
-FITTED_FORMAT = "tokenlabel-teacher"
-FITTED_FORMAT_VERSION = 1
-
-
-class TeacherError(ValueError):
-    """The model or checkpoint cannot serve as a dense teacher."""
 
 
 @dataclass
@@ -77,33 +67,6 @@ def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise TeacherError(f"checkpoint {checkpoint}: {str(bad)[:60]!r} is a "
                            f"{type(state[bad]).__name__}, not a tensor")
     return state
-
-
-def fitted_metadata(checkpoint: Path) -> dict[str, Any] | None:
-    """What ``labeler teacher fit`` recorded in a checkpoint (model, class names, held-out
-    accuracy, the dataset and split it was fitted on), or None for any other checkpoint.
-
-    safetensors metadata is a flat str -> str map: values are stored as JSON and decoded here.
-    """
-    if Path(checkpoint).suffix != ".safetensors":
-        return None
-    try:
-        with safe_open(str(checkpoint), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise TeacherError(f"checkpoint {checkpoint} is not a readable safetensors file: "
-                           f"{e}") from None
-    if raw.get("format") != FITTED_FORMAT:
-        return None
-    try:
-        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    except json.JSONDecodeError as e:
-        raise TeacherError(f"checkpoint {checkpoint}: unreadable teacher metadata ({e})") from None
-    if meta.get("format_version") != FITTED_FORMAT_VERSION:
-        raise TeacherError(f"checkpoint {checkpoint} has teacher metadata version "
-                           f"{meta.get('format_version')}; this code reads version "
-                           f"{FITTED_FORMAT_VERSION}")
-    return meta
 
 
 def fit_summary(checkpoint: Path | None) -> dict[str, Any] | None:
@@ -249,31 +212,24 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
         raise TeacherError(f"unknown timm model {model_name!r}")
     num_classes, state, sha256 = 1000, None, None
     if checkpoint is not None:
+        state = load_state_dict(Path(checkpoint))  # checks the file, and its metadata if fitted
         fitted = fitted_metadata(Path(checkpoint))
         if fitted is not None:
             if fitted["model"] != model_name:
-                raise TeacherError(f"checkpoint {checkpoint} is a fitted {fitted['model']}, not "
-                                   f"a {model_name}: pass --model {fitted['model']}")
+                # Worded for the CLI and the REST API alike: each spells "model" its own way.
+                raise TeacherError(f"checkpoint {checkpoint} was fitted for model "
+                                   f"{fitted['model']!r}, not {model_name!r}: label with model "
+                                   f"{fitted['model']!r}")
             class_names = class_names or tuple(fitted["class_names"])
             output_stride = output_stride or fitted.get("output_stride")
-        state = load_state_dict(Path(checkpoint))
-        cfg_classifier = timm.models.get_pretrained_cfg(model_name)
-        head = (cfg_classifier.classifier if cfg_classifier else None) or "head.fc"
-        key = f"{head}.weight"
-        if key not in state:
-            raise TeacherError(f"checkpoint {checkpoint} has no {key!r}: is it a {model_name} "
-                               "state dict?")
-        num_classes = int(state[key].shape[0])
+        num_classes = classifier_outputs(state, model_name, Path(checkpoint))
         sha256 = file_sha256(Path(checkpoint))
     model = create_dense_model(model_name, num_classes, output_stride)
     if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise TeacherError(f"checkpoint {checkpoint} does not fit {model_name}: {e}") from None
+        load_weights(model, state, model_name, Path(checkpoint))
     stride = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else 1
     if input_size % stride:
-        raise TeacherError(f"--input-size {input_size} is not a multiple of {model_name}'s "
+        raise TeacherError(f"input size {input_size} is not a multiple of {model_name}'s "
                            f"stride {stride}: the label grid would not tile the image exactly")
     if class_names and len(class_names) != num_classes:
         raise TeacherError(f"{len(class_names)} class names for a teacher with {num_classes} "
@@ -297,6 +253,57 @@ def build_teacher(model_name: str, checkpoint: Path | None, input_size: int,
         output_stride=output_stride,
     )
     return teacher, spec, grid
+
+
+def classifier_outputs(state: dict[str, torch.Tensor], model_name: str,
+                       checkpoint: Path) -> int:
+    """How many classes the checkpoint's classifier has (the rows of its head's weight)."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    key = f"{(cfg.classifier if cfg else None) or 'head.fc'}.weight"
+    if key not in state or state[key].ndim != 2:
+        raise TeacherError(f"checkpoint {checkpoint} has no {key!r} matrix: is it a {model_name} "
+                           "state dict?")
+    return int(state[key].shape[0])
+
+
+def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor],
+                     skip: str | None = None) -> str | None:
+    """Why ``state`` does not fit ``model`` (weights missing, unexpected or of another shape),
+    in one line with a first example of each; None if it fits. Keys starting with ``skip`` (a
+    head about to be replaced) are left out on both sides. torch's own error lists every key,
+    thousands of lines for a checkpoint of another model."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if skip:
+        own = {k: v for k, v in own.items() if not k.startswith(skip)}
+        given = {k: v for k, v in given.items() if not k.startswith(skip)}
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    reshaped = [k for k in own if k in given and own[k] != given[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weights the model does not have (e.g. {unexpected[0]!r})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} weights of another shape (e.g. {k!r}: {list(given[k])} in "
+                     f"the checkpoint, {list(own[k])} in the model)")
+    return "; ".join(parts) or None
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], model_name: str,
+                 checkpoint: Path) -> None:
+    """Load ``state`` into ``model`` exactly, or a one-line TeacherError naming both."""
+    mismatch = weights_mismatch(model, state)
+    if mismatch is None:
+        try:
+            model.load_state_dict(state, strict=True)
+            return
+        except RuntimeError as e:  # anything the comparison above does not foresee
+            mismatch = str(e).strip().splitlines()[0][:300]
+    raise TeacherError(f"checkpoint {checkpoint} does not fit {model_name} ({mismatch}): is it a "
+                       "checkpoint of another model?")
 
 
 def create_dense_model(model_name: str, num_classes: int,

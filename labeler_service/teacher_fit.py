@@ -42,14 +42,14 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
+from labeler_service.checkpoint_files import FITTED_FIELDS, FITTED_FORMAT, FITTED_FORMAT_VERSION
 from labeler_service.labeling import AUTOCAST_DTYPES, ModelInput, default_workers
 from labeler_service.teacher import (
-    FITTED_FORMAT,
-    FITTED_FORMAT_VERSION,
     DenseTeacher,
     create_dense_model,
     file_sha256,
     load_state_dict,
+    weights_mismatch,
 )
 from storage import PathColumn, Store
 from storage.dataset import Dataset as StoreDataset
@@ -132,12 +132,8 @@ class FitReport:
 
     def metadata(self) -> dict[str, str]:
         """The checkpoint's safetensors metadata: JSON values (``teacher.fitted_metadata``)."""
-        keep = ("model", "dataset", "dataset_fingerprint", "class_names", "input_size",
-                "output_stride", "head_only", "backbone_sha256", "val_permille", "epochs",
-                "train_images", "heldout_images", "heldout_top1", "heldout_top5", "created_at",
-                "code_version")
-        meta = {k: json.dumps(getattr(self, k)) for k in keep}
-        meta["num_classes"] = json.dumps(len(self.class_names))
+        meta = {k: json.dumps(len(self.class_names) if k == "num_classes" else getattr(self, k))
+                for k in FITTED_FIELDS}
         meta["format_version"] = json.dumps(FITTED_FORMAT_VERSION)
         return {"format": FITTED_FORMAT, **meta}
 
@@ -153,10 +149,11 @@ class FitImages(TorchDataset):
     """
 
     def __init__(self, root: Path, paths: PathColumn, sha256: np.ndarray,
-                 labels: Sequence[int], size: int, interpolation: str, augment: bool,
-                 crop_scale: tuple[float, float], max_pixels: int, zoom_out: float = 1.0,
-                 zoom_out_p: float = 0.0):
+                 file_sizes: np.ndarray | None, labels: Sequence[int], size: int,
+                 interpolation: str, augment: bool, crop_scale: tuple[float, float],
+                 max_pixels: int, zoom_out: float = 1.0, zoom_out_p: float = 0.0):
         self.root, self.paths, self.sha256, self.labels = Path(root), paths, sha256, labels
+        self.file_sizes = file_sizes  # registered byte sizes; None for older datasets
         self.size, self.interpolation, self.augment = size, interpolation, augment
         self.max_pixels = max_pixels
         self.crop_scale, self.crop_ratio = crop_scale, (3 / 4, 4 / 3)
@@ -170,7 +167,9 @@ class FitImages(TorchDataset):
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, int, str]:
         name = self.paths[i]
         try:
-            data = read_image_bytes(self.root / name, self.sha256[i].tobytes())
+            data = read_image_bytes(
+                self.root / name, self.sha256[i].tobytes(), root=self.root,
+                expected_size=None if self.file_sizes is None else int(self.file_sizes[i]))
             if not self.augment:
                 pixels = decode_image(data, self.size, self.interpolation, self.max_pixels, name)
                 return i, pixels, int(self.labels[i]), ""
@@ -256,12 +255,11 @@ def create_classifier(model_name: str, num_classes: int, checkpoint: Path | None
         state = load_state_dict(checkpoint)
         head = f"{model.pretrained_cfg.get('classifier') or 'head.fc'}."
         state = {k: v for k, v in state.items() if not k.startswith(head)}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(head)]
-        if missing or unexpected:
-            raise FitError(f"checkpoint {checkpoint} does not fit {model_name}: "
-                           f"{len(missing)} weights missing (e.g. {missing[:2]}), "
-                           f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        mismatch = weights_mismatch(model, state, skip=head)
+        if mismatch:
+            raise FitError(f"checkpoint {checkpoint} does not fit {model_name} ({mismatch}): is "
+                           "it a checkpoint of another model?")
+        model.load_state_dict(state, strict=False)  # all but the new head, checked above
         sha256 = file_sha256(checkpoint)
     stride = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else 1
     if input_size % stride:
@@ -281,6 +279,7 @@ def fit_teacher(store: Store, dataset_name: str, model_name: str, out: Path,
         raise FitError(f"--out {out}: the teacher is written as .safetensors")
     if head_only and checkpoint is None:
         raise FitError("--head-only needs --checkpoint: a pretrained backbone to keep frozen")
+    check_writable(out)  # now, not after minutes of training
     dataset = store.dataset(dataset_name)
     if not Path(dataset.source_root).is_dir():
         raise FileNotFoundError(f"dataset {dataset_name!r}: its images at "
@@ -304,8 +303,9 @@ def fit_teacher(store: Store, dataset_name: str, model_name: str, out: Path,
     manifest = dataset.manifest()
 
     def images(rows: np.ndarray, augment: bool) -> FitImages:
+        sizes = None if manifest.size is None else manifest.size[rows]
         return FitImages(Path(dataset.source_root), manifest.path[rows], manifest.sha256[rows],
-                         manifest.label[rows], options.input_size,
+                         sizes, manifest.label[rows], options.input_size,
                          data_cfg.get("interpolation", "bicubic"), augment, options.crop_scale,
                          options.max_pixels, options.zoom_out, options.zoom_out_p)
 
@@ -335,17 +335,35 @@ def fit_teacher(store: Store, dataset_name: str, model_name: str, out: Path,
     return report
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an ``out`` that cannot be written, by doing what ``save_teacher`` does there: make
+    its folder and a temporary file in it (removed again)."""
+    tmp = temporary_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb"):
+            pass
+        os.unlink(tmp)
+    except OSError as e:
+        raise FitError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def save_teacher(model: nn.Module, out: Path, report: FitReport) -> None:
     """The state dict as .safetensors with the fit's metadata, and the report as JSON, each
     written to a temporary file and renamed (a crash never leaves a half-written teacher)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
              for k, v in model.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temporary_path(out)
     save_file(state, str(tmp), metadata=report.metadata())
     os.replace(tmp, out)
     report_path = report_path_for(out)
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
+    tmp = temporary_path(report_path)
     tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
     os.replace(tmp, report_path)
 

@@ -67,6 +67,8 @@ def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageRejected(ImageStatus.NOT_A_FILE, f"{path}: not a regular file")
+        if info.st_size == 0:  # the most telling reason, registered size or not
+            raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
         if expected_size is not None and info.st_size != expected_size:
             raise ImageRejected(ImageStatus.CHANGED_FILE,
                                 f"{path}: {info.st_size} bytes, registered as {expected_size}")

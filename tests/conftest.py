@@ -1,7 +1,12 @@
-"""Shared fixtures: a small ImageFolder, a random-weight test_nfnet checkpoint, an empty store."""
+"""Shared fixtures: a small ImageFolder, a random-weight test_nfnet checkpoint, an empty store,
+and filesystems of a test's own (a tiny tmpfs to fill, a read-only folder)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +47,45 @@ def images(tmp_path: Path) -> Path:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store.open(tmp_path / "store")
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[..., Path]]:
+    """``tmpfs(path, size="8m", read_only=False)`` mounts a tmpfs of its own at ``path`` for the
+    test (a disk that really fills, a folder that really refuses writes, even to root) and
+    unmounts it afterwards. Where this user may not mount, the test is skipped, with a warning
+    in the summary: it did not run."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str = "8m", read_only: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        options = f"size={size},mode=0777" + (",ro" if read_only else "")
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                    capture_output=True, text=True, check=False)
+            error = result.stderr.strip() or f"mount exit status {result.returncode}"
+        except OSError as e:  # no mount command at all
+            result, error = None, str(e)
+        if result is None or result.returncode:
+            reason = (f"NOT RUN: this test needs a tmpfs of its own and cannot mount one here "
+                      f"({error})")
+            warnings.warn(reason, pytest.PytestWarning, stacklevel=2)
+            pytest.skip(reason)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path, tmpfs: Callable[..., Path]) -> Path:
+    """An empty folder no file can be created in: without write permission for an ordinary
+    user, a read-only tmpfs for root (whom permissions do not stop)."""
+    folder = tmp_path / "read-only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return tmpfs(folder, size="1m", read_only=True)

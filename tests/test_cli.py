@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -156,7 +158,7 @@ def test_verify_finds_shards_marked_done_without_labels(run, images: Path, check
 
 
 @pytest.mark.parametrize("array,damage,found", [
-    ("lse", b"", "images marked labeled have no logsumexp"),  # zarr reads 0 bytes as fill
+    ("lse", b"", "4 images marked labeled have no labels, or not all of them"),  # 0 B: fill
     ("lse", b"\x07" * 40, "the 'lse' array is unreadable"),
     ("global_logits", b"\x07" * 40, "the 'global_logits' array is unreadable"),
     ("global_classes", b"garbage", "the 'global_classes' array is unreadable"),
@@ -269,3 +271,107 @@ def test_the_completion_summary_is_checked_dropped_and_rebuilt(run, images: Path
     assert labelset.completion() is None and not labelset.is_complete()
     assert "1 shards written" in run(*label_args(checkpoint))
     assert Store.open("store").labelset(labelset_id).completion() == truth
+
+
+# -- issue 23 ---------------------------------------------------------------------------------
+
+def scene_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_sample_scenes_never_deletes_a_registered_dataset(run, tmp_path: Path):
+    """A14: fewer scenes, or another seed, into a folder registered in the store is refused,
+    saying which dataset; the same scenes again are fine."""
+    run("sample", "scenes", "d", "--images", "30")
+    run("datasets", "add", "s", "d")
+    before = scene_files(tmp_path / "d")
+    for other in (["--images", "5"], ["--images", "30", "--seed", "1"]):
+        out = run("sample", "scenes", "d", *other, code=1)
+        assert len(out.strip().splitlines()) == 1, out
+        assert "holds the images of dataset 's', registered in store store" in out
+        assert "would delete or change them" in out
+    assert scene_files(tmp_path / "d") == before
+    run("sample", "scenes", "d", "--images", "30")  # the very same scenes: nothing changes
+    assert scene_files(tmp_path / "d") == before
+    assert "already registered (unchanged)" in run("datasets", "add", "s", "d")
+    # Not registered in this store: the folder is the command's own, remade as asked.
+    run("sample", "scenes", "d", "--images", "5", "--store", "other-store")
+    assert len(list((tmp_path / "d").rglob("*.jpg"))) == 5
+
+
+def test_sample_scenes_writes_nothing_into_a_folder_of_other_files(run, tmp_path: Path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"mine")
+    out = run("sample", "scenes", "photos", "--images", "10", code=1)
+    assert "holds no scenes made by `labeler sample scenes`" in out
+    assert scene_files(tmp_path / "photos") == {"holiday.jpg": b"mine"}
+
+
+def test_demo_with_fewer_images_keeps_the_registered_scenes(run, tmp_path: Path):
+    """A14: ``labeler demo --images 20`` after a 40-image demo in the same folder deleted 20
+    registered scenes, then failed. It is refused before anything is written."""
+    from labeler_service.demo import DATASET
+    from labeler_service.scenes import make_scenes
+
+    make_scenes(tmp_path / "demo" / "scenes", images=40)  # the 40-image demo's first step
+    Store.open(tmp_path / "store").add_dataset(DATASET, tmp_path / "demo" / "scenes")
+    before = scene_files(tmp_path / "demo")
+    out = run("demo", "--images", "20", "--no-progress", code=1)
+    assert "holds the images of dataset 'scenes'" in out.strip().splitlines()[-1]
+    assert scene_files(tmp_path / "demo") == before
+
+
+def test_an_unfinished_registration_does_not_hide_the_other_datasets(run, images: Path,
+                                                                     tmp_path: Path):
+    """A28: a paused scan is listed as unfinished; the datasets after it are still listed."""
+    from storage.manifest import ScanPaused
+
+    def pause(done: int, total: int | None) -> None:
+        if total is not None and done >= 4:
+            raise ScanPaused()
+
+    store = Store.open(tmp_path / "store")
+    store.add_dataset("a-first", images)
+    with pytest.raises(ScanPaused):
+        store.add_dataset("b-paused", images, progress=pause, resume_key="attempt-1")
+    store.add_dataset("c-last", images)
+    lines = run("datasets", "list").splitlines()
+    assert lines[0].startswith("a-first\t18 images")
+    assert "b-paused\tunfinished registration (in progress, paused or interrupted)" in lines
+    assert any(line.startswith("c-last\t18 images") for line in lines)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into ``folder/filler`` until its filesystem has no space left."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_store_disk_is_one_line_and_labeling_resumes(run, images: Path,
+                                                            checkpoint: Path, tmp_path: Path,
+                                                            tmpfs):
+    """A37: the store on a disk that fills up mid-job (a real tmpfs, really full): one line
+    saying so, exit 1; once there is space, the same command finishes the job."""
+    disk = tmpfs(tmp_path / "disk", size="4m")
+    store = ["--store", str(disk / "store")]
+    run("datasets", "add", "toy", str(images), *store)
+    run(*label_args(checkpoint), "--part", "0/2", *store)  # the label set, and 3 of 5 shards
+    filler = fill(disk)
+    out = run(*label_args(checkpoint), *store, code=1)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out, out
+    assert lines[0].startswith(f"Error: the store's disk is full (No space left on device: "
+                               f"{disk / 'store'}).")
+    assert "run the same command again" in lines[0] and "resumes" in lines[0]
+    filler.unlink()
+    assert "2 shards written, 3 already done" in run(*label_args(checkpoint), *store)
+    assert "store is consistent" in run("store", "verify", *store)

@@ -74,3 +74,43 @@ def test_a_teacher_that_cannot_compile_is_one_line(tmp_path: Path, images: Path,
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("Error: torch.compile could not compile the teacher")
     assert "label without compiling" in lines[0]
+
+
+def one_line_error(result) -> str:
+    """The one line of a command that failed as a user's error should (exit 1, no traceback)."""
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path: Path, images: Path):
+    """A9: labeling with, or fitting from, another model's checkpoint names the checkpoint and
+    the model, instead of torch's key-by-key dump (labeling) or traceback (fitting)."""
+    from labeler_service.sample import make_random_checkpoint
+
+    other = make_random_checkpoint(tmp_path / "convnext.safetensors", model="test_convnext",
+                                   num_classes=3)
+    store = ["--store", str(tmp_path / "store")]
+    runner = CliRunner()
+    assert runner.invoke(labeler, ["datasets", "add", "toy", str(images), *store]).exit_code == 0
+    common = ["toy", "--model", "test_nfnet", "--checkpoint", str(other), "--input-size", "64",
+              "--workers", "0", "--no-progress", *store]
+    for command in (["label"], ["teacher", "fit", "--out", str(tmp_path / "t.safetensors")]):
+        line = one_line_error(runner.invoke(labeler, [*command, *common]))
+        assert f"checkpoint {other} does not fit test_nfnet" in line, line
+        assert "is it a checkpoint of another model?" in line and len(line) < 500, line
+
+
+def test_fitting_into_an_unwritable_folder_is_refused_before_training(
+        tmp_path: Path, images: Path, read_only_folder: Path):
+    """A8: one line at once, not a traceback after the whole fit."""
+    store = ["--store", str(tmp_path / "store")]
+    runner = CliRunner()
+    assert runner.invoke(labeler, ["datasets", "add", "toy", str(images), *store]).exit_code == 0
+    out = read_only_folder / "teacher.safetensors"
+    line = one_line_error(runner.invoke(labeler, [
+        "teacher", "fit", "toy", "--model", "test_nfnet", "--input-size", "64", "--epochs", "1",
+        "--workers", "0", "--no-progress", "--out", str(out), *store]))
+    assert line.startswith(f"Error: --out {out}: cannot write there ("), line
+    assert list(read_only_folder.iterdir()) == []

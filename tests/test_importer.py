@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,34 @@ def test_a_file_two_images_would_share_is_refused(store: Store, images: Path, tm
     with pytest.raises(ValueError, match="ambiguous label files"):
         import_tokenlabeling(store, "twice", labels, num_classes=3, ignore_dataset_classes=True,
                              progress=False)
+
+
+def test_bad_first_label_files_get_their_status_like_later_ones(store: Store, images: Path,
+                                                                 tmp_path: Path):
+    """A57: the layout comes from the first readable file; bad files before it are counted as
+    the import goes, as a bad later file is, instead of aborting the import."""
+    store.add_dataset("toy", images)
+    labels = tmp_path / "labels"
+    write_tokenlabeling_files(images, labels, np.random.default_rng(3))
+    (labels / "circles" / "0000.pt").write_bytes(b"not a tensor")  # the first file matched
+    torch.save({"not": "a tensor"}, labels / "circles" / "0001.pt")
+    torch.save(torch.zeros(3, 2, 4, 3), labels / "circles" / "0002.pt")  # not [2, K, H, W]
+    (labels / "circles" / "0003.pt").unlink()
+    os.mkfifo(labels / "circles" / "0003.pt")  # refused, not waited on
+    report = import_tokenlabeling(store, "toy", labels, num_classes=3, shard_size=4,
+                                  progress=False)
+    assert report.images_imported == 14
+    assert report.images_failed == {ImageStatus.LABEL_FILE_INVALID: 4}
+    labelset = store.labelset(report.labelset_id)
+    assert (labelset.topk, labelset.grid) == (2, (4, 3))
+
+
+def test_no_readable_label_file_is_one_reason(store: Store, images: Path, tmp_path: Path):
+    store.add_dataset("toy", images)
+    labels = tmp_path / "labels"
+    write_tokenlabeling_files(images, labels, np.random.default_rng(4))
+    for f in labels.rglob("*.pt"):
+        f.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"none of the first 100 label files matched is a "
+                                         r"TokenLabeling label file \(e\.g\. .*circles/0000\.pt"):
+        import_tokenlabeling(store, "toy", labels, num_classes=3, progress=False)

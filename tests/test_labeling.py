@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,32 @@ def test_one_decoder_serves_many_calls_with_the_same_processes(
     decoder = ImageDecoder.for_labelset(dataset, labelset, wrong, runner.device)
     with pytest.raises(ValueError, match="other images"):
         label_shards(labelset, dataset, runner, [0], options, decoder=decoder)
+
+
+@pytest.mark.slow
+def test_a_symlink_out_of_the_folder_and_a_grown_file_are_not_read(store: Store, images: Path,
+                                                                   tmp_path: Path,
+                                                                   checkpoint: Path):
+    """A32: an image replaced by a symlink to a large file outside the dataset's folder is
+    OUTSIDE_ROOT (status 9, as the README says) and not read; one replaced in place by a large
+    file is CHANGED_FILE from its registered size, before a byte is read."""
+    store.add_dataset("toy", images)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(256 * 2**20)  # sparse: 256 MiB to read, nothing on disk
+    linked, grown = images / "circles" / "0001.jpg", images / "squares" / "0002.jpg"
+    linked.unlink()
+    linked.symlink_to(big)
+    os.truncate(grown, 256 * 2**20)
+    tracemalloc.start()
+    try:
+        report = label_dataset(store, "toy", "test_nfnet", checkpoint, 64, 2, OPTIONS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+    status = store.labelset(report.labelset_id).status()
+    paths = list(store.dataset("toy").paths())
+    assert status[paths.index("circles/0001.jpg")] == ImageStatus.OUTSIDE_ROOT
+    assert status[paths.index("squares/0002.jpg")] == ImageStatus.CHANGED_FILE
+    assert report.images_labeled == 16

@@ -4,6 +4,11 @@ permuted one does not)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,7 @@ from labeler_service.quality import (
     reliability,
     teacher_agreement,
 )
-from labeler_service.scenes import SCENE_CLASSES, load_mask, make_scenes
+from labeler_service.scenes import SCENE_CLASSES, load_mask, make_scenes, mask_bytes, mask_path
 from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
 
 SQUASH = TeacherSpec(model="oracle", checkpoint_sha256=None, num_classes=10, input_size=256)
@@ -159,3 +164,114 @@ def test_missing_masks_are_a_clear_error(scenes, tmp_path: Path):
     labelset = store.labelset(oracle_labelset(store, images, "perfect", lambda t: t))
     with pytest.raises(FileNotFoundError, match=r"no mask under .* for a labeled image"):
         evaluate_labels(store.dataset("scenes"), labelset, tmp_path)
+
+
+# -- issue 23: masks that cannot be used cost their image, never the evaluation ------------------
+
+def mask_copy(images: Path, folder: Path) -> Path:
+    """The scenes' masks alone, mirrored under ``folder`` (a ``--masks`` folder)."""
+    for mask in images.rglob("*.mask.npz"):
+        target = folder / mask.relative_to(images)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mask, target)
+    return folder
+
+
+def perfect_labels(store: Store, images: Path):
+    return store.labelset(oracle_labelset(store, images, "perfect", lambda t: t))
+
+
+def test_a_bad_mask_is_counted_and_named_and_the_rest_scored(scenes, tmp_path: Path):
+    """A10: a damaged mask (and one symlinked out of the mask folder) cost their images."""
+    store, images = scenes
+    masks = mask_copy(images, tmp_path / "masks")
+    (masks / SCENE_CLASSES[1] / "00001.mask.npz").write_bytes(b"PK\x03\x04 not a zip archive")
+    outside = shutil.copyfile(masks / SCENE_CLASSES[2] / "00002.mask.npz",
+                              tmp_path / "outside.mask.npz")
+    (masks / SCENE_CLASSES[2] / "00002.mask.npz").unlink()
+    os.symlink(outside, masks / SCENE_CLASSES[2] / "00002.mask.npz")
+    result = evaluate_labels(store.dataset("scenes"), perfect_labels(store, images), masks)
+    assert result["masks_unreadable"] == 2 and result["all"]["images"] == 38
+    assert result["all"]["main_top1"] == 1.0
+    named = dict(result["mask_failures"])
+    assert "not a mask archive" in named[f"{SCENE_CLASSES[1]}/00001.jpg"]
+    assert "resolves outside" in named[f"{SCENE_CLASSES[2]}/00002.jpg"]
+
+
+def test_the_cli_names_the_masks_it_left_out(scenes, tmp_path: Path):
+    store, images = scenes
+    masks = mask_copy(images, tmp_path / "masks")
+    (masks / SCENE_CLASSES[1] / "00001.mask.npz").write_bytes(b"garbage")
+    out = CliRunner().invoke(main, ["evaluate-labels", perfect_labels(store, images).id,
+                                    "--masks", str(masks), "--store", store.location],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    last = out.output.strip().splitlines()[-1]
+    assert last.startswith("labeled images left out: 1 with an unreadable mask (e.g. ")
+    assert f"{SCENE_CLASSES[1]}/00001.mask.npz" in last
+
+
+def test_a_mask_with_values_outside_the_classes_is_counted_not_scored(scenes, tmp_path: Path):
+    """A11: a value that is no class of the dataset (here 10 classes: 12) is not ground truth."""
+    store, images = scenes
+    masks = mask_copy(images, tmp_path / "masks")
+    rel = f"{SCENE_CLASSES[3]}/00003.jpg"
+    mask = load_mask(images / rel).copy()
+    mask[0, 0] = 12
+    mask_path(masks / rel).write_bytes(mask_bytes(mask))
+    result = evaluate_labels(store.dataset("scenes"), perfect_labels(store, images), masks)
+    assert result["masks_with_unknown_classes"] == 1 and result["all"]["images"] == 39
+    assert "class value 12 is outside -1..9" in dict(result["mask_failures"])[rel]
+
+
+def test_a_fifo_in_place_of_a_mask_does_not_hang(scenes, tmp_path: Path):
+    """A12: masks are opened as images are, without blocking: a FIFO is not a mask."""
+    store, images = scenes
+    masks = mask_copy(images, tmp_path / "masks")
+    fifo = masks / SCENE_CLASSES[4] / "00004.mask.npz"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    outcome: dict = {}
+    labelset = perfect_labels(store, images)
+    worker = threading.Thread(target=lambda: outcome.update(
+        result=evaluate_labels(store.dataset("scenes"), labelset, masks)), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # release the blocked open (a writer's end), so the test can end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail("evaluate_labels blocked on a FIFO in place of a mask")
+    result = outcome["result"]
+    assert result["masks_unreadable"] == 1 and result["all"]["images"] == 39
+    assert "not a regular file" in dict(result["mask_failures"])[f"{SCENE_CLASSES[4]}/00004.jpg"]
+
+
+def write_mask_bomb(path: Path, shape: tuple[int, int]) -> None:
+    """A valid .npz whose mask is ``shape`` of zeros: a few hundred kB, ``shape`` bytes
+    unpacked."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("mask.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "|i1", "fortran_order": False,
+                                                      "shape": shape})
+        row = bytes(shape[1])
+        for _ in range(shape[0]):
+            member.write(row)
+
+
+def test_a_mask_is_checked_from_its_header_before_it_is_unpacked(scenes, tmp_path: Path):
+    """A13: a mask of 100 MB unpacked, not of its image's size, is refused from its .npy
+    header; nothing near its size is ever allocated."""
+    store, images = scenes
+    masks = mask_copy(images, tmp_path / "masks")
+    rel = f"{SCENE_CLASSES[5]}/00005.jpg"
+    write_mask_bomb(mask_path(masks / rel), (10_000, 10_000))
+    labelset = perfect_labels(store, images)
+    tracemalloc.start()
+    try:
+        result = evaluate_labels(store.dataset("scenes"), labelset, masks)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+    assert result["masks_of_other_size"] == 1 and result["all"]["images"] == 39
+    assert "10000x10000, not the image's" in dict(result["mask_failures"])[rel]

@@ -216,3 +216,98 @@ def test_the_cheap_check_refuses_what_needs_no_torch_to_refuse(tmp_path: Path, c
     assert checkpoint_problem(checkpoint) is None  # the real one passes
     torch.save({"w": torch.zeros(2)}, tmp_path / "fine.pt")
     assert checkpoint_problem(tmp_path / "fine.pt") is None
+
+
+# -- issue 23: malformed safetensors headers and teacher metadata -------------------------------
+
+BAD_OFFSETS = ["[]", '"ab"', "1e400", "null", "{}", "NaN", "[8, 4]", "[true, 4]", "[0.0, 4.0]"]
+
+
+def safetensors_with_offsets(path: Path, offsets: str) -> Path:
+    """A .safetensors file of one 4-byte tensor whose ``data_offsets`` are the raw JSON
+    ``offsets``."""
+    header = ('{"w": {"dtype": "F32", "shape": [1], "data_offsets": ' + offsets + "}}").encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    return path
+
+
+@pytest.mark.parametrize("offsets", BAD_OFFSETS)
+def test_malformed_data_offsets_are_a_checkpoint_problem(tmp_path: Path, offsets: str):
+    """A3: every malformed ``data_offsets`` is a reason (the API's 422), never an exception."""
+    from labeler_service.checkpoint_files import checkpoint_problem
+
+    path = safetensors_with_offsets(tmp_path / "bad.safetensors", offsets)
+    assert "'w' has data_offsets" in checkpoint_problem(path)
+    with pytest.raises(TeacherError, match=r"bad\.safetensors: not a safetensors file"):
+        build_teacher("test_nfnet", path, 64)
+
+
+def fitted_checkpoint(path: Path, weights: Path, **fields: str) -> Path:
+    """``weights`` (a 3-class test_nfnet) with the metadata ``labeler teacher fit`` writes;
+    ``fields`` replace values by raw JSON text."""
+    from safetensors.torch import load_file, save_file
+
+    from labeler_service.checkpoint_files import FITTED_FORMAT
+
+    meta = {"format": FITTED_FORMAT, "format_version": "1", "model": '"test_nfnet"',
+            "class_names": '["a", "b", "c"]', "num_classes": "3", "output_stride": "null",
+            "val_permille": "100", "heldout_top1": "0.5", **fields}
+    save_file(load_file(str(weights)), str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("field,raw,expected", [
+    ("class_names", '"notalist"', "a non-empty list of class names"),
+    ("class_names", "[1, 2, 3]", "a non-empty list of class names"),
+    ("output_stride", "7", "null or one of 8, 16, 32"),
+    ("output_stride", "16.0", "null or one of 8, 16, 32"),
+    ("input_size", "1e400", "an input size in 32..2048"),
+    ("val_permille", '"100"', "a per mille in 0..999"),
+    ("heldout_top1", "NaN", r"null or a share in \[0, 1\]"),
+    ("num_classes", "8", "'num_classes' is 8 but there are 3 class names"),
+    ("model", "null", "a model name"),
+])
+def test_malformed_teacher_metadata_is_refused_naming_the_field(tmp_path: Path, checkpoint: Path,
+                                                                 field: str, raw: str,
+                                                                 expected: str):
+    """A4: every field is checked, in one place, for the CLI, the workers and the API's cheap
+    check alike ("notalist" once read as 8 class names; output stride 7 was used)."""
+    from labeler_service.checkpoint_files import checkpoint_problem
+
+    path = fitted_checkpoint(tmp_path / "fitted.safetensors", checkpoint, **{field: raw})
+    with pytest.raises(TeacherError, match=f"fitted.safetensors: malformed teacher metadata: "
+                                           f".*{expected}") as caught:
+        build_teacher("test_nfnet", path, 64)
+    assert "\n" not in str(caught.value)
+    assert checkpoint_problem(path).startswith("malformed teacher metadata: ")
+
+
+def test_well_formed_teacher_metadata_is_used(tmp_path: Path, checkpoint: Path):
+    path = fitted_checkpoint(tmp_path / "fitted.safetensors", checkpoint, output_stride="16")
+    _, spec, grid = build_teacher("test_nfnet", path, 64)
+    assert spec.class_names == ("a", "b", "c") and spec.output_stride == 16 and grid == (4, 4)
+
+
+def test_a_teacher_fitted_for_another_model_is_named_for_every_user(tmp_path: Path,
+                                                                     checkpoint: Path):
+    """A4: the reason names the model to use, not a CLI option (REST users read it too)."""
+    path = fitted_checkpoint(tmp_path / "fitted.safetensors", checkpoint,
+                             model='"test_resnet"')
+    with pytest.raises(TeacherError) as caught:
+        build_teacher("test_nfnet", path, 64)
+    message = str(caught.value)
+    assert "fitted for model 'test_resnet', not 'test_nfnet'" in message
+    assert "label with model 'test_resnet'" in message and "--model" not in message
+
+
+def test_a_checkpoint_of_another_model_is_one_line_naming_both(tmp_path: Path):
+    """A9: not torch's thousands of lines of missing, unexpected and resized keys."""
+    other = make_random_checkpoint(tmp_path / "convnext.safetensors", model="test_convnext",
+                                   num_classes=3)
+    with pytest.raises(TeacherError) as caught:
+        build_teacher("test_nfnet", other, 64)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 500, message
+    assert message.startswith(f"checkpoint {other} does not fit test_nfnet (")
+    assert "weights missing (e.g. 'stem.conv1.weight')" in message
+    assert "'head.fc.weight': [3, 64] in the checkpoint, [3, 192] in the model" in message

@@ -91,8 +91,8 @@ def test_cli_fit_then_label_shows_the_agreement(tmp_path: Path, monkeypatch):
     out = run("label", "toy", "--model", "dm_nfnet_f0", "--checkpoint", "t.safetensors",
               "--input-size", "64", "--no-progress", code=1)
     assert out.strip().splitlines() == [
-        "Error: checkpoint t.safetensors is a fitted test_nfnet, not a dm_nfnet_f0: pass "
-        "--model test_nfnet"]
+        "Error: checkpoint t.safetensors was fitted for model 'test_nfnet', not 'dm_nfnet_f0': "
+        "label with model 'test_nfnet'"]
 
 
 def test_head_only_leaves_the_backbone_bit_identical(fitted, tmp_path: Path):

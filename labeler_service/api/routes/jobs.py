@@ -13,7 +13,7 @@ from fastapi import Path as PathParam
 from labeler_service.api.deps import JobsDep, RedisDep, RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.lookups import find_dataset
 from labeler_service.api.schemas import JobCreate, JobOut, JobPage
-from labeler_service.checkpoint_files import checkpoint_problem
+from labeler_service.checkpoint_files import checkpoint_problem, fitted_metadata
 from labeler_service.idempotency import IdempotencyConflict, IdempotencyKeys
 from labeler_service.jobs import Job, JobStore, Resolutions, file_signature
 from labeler_service.model_names import timm_model_names
@@ -59,6 +59,11 @@ def check_request(body: JobCreate, settings: SettingsDep, store: StoreDep,
                                  "retry") from None
     if body.teacher.model not in known:
         raise HTTPException(422, f"unknown timm model {body.teacher.model!r}")
+    fitted = fitted_metadata(checkpoint)  # valid: checkpoint_problem has read it
+    if fitted is not None and fitted["model"] != body.teacher.model:
+        raise HTTPException(422, f"checkpoint {body.teacher.checkpoint!r}: fitted for model "
+                                 f"{fitted['model']!r}, not {body.teacher.model!r}: label with "
+                                 f"model {fitted['model']!r}")
     try:
         return dataset, file_signature(checkpoint)  # a stat: the file is never hashed here
     except OSError:  # gone since it was looked at
