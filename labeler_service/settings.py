@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     heatmap_concurrency: int = Field(4, ge=1, description="Heatmaps rendered at once per API "
                                      "process; more wait briefly, then get 503.")
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=86400, description="Finished jobs kept.")
+    # What a client can hold before any key is checked (labeler_service/api/server.py).
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request head "
+                                  "(request line and headers) in bytes; a larger one is "
+                                  "answered 431 and its connection closed.")
+    header_timeout: float = Field(10, gt=0, description="Seconds a connection has to send a "
+                                  "whole request head, from when it opened or from its previous "
+                                  "response; then it is closed.")
+    max_connections: int = Field(1000, ge=1, description="Open client connections per API "
+                                 "process; one more closes the connection that has waited "
+                                 "longest for a request head (or, with none waiting, itself).")
+    listing_concurrency: int = Field(2, ge=1, description="Dataset listings (GET /v1/datasets) "
+                                     "computed at once per API process, in threads of their "
+                                     "own; more wait their turn while other routes answer.")
     # Worker side.
     device: str = "cuda"
     batch_size: int = Field(64, ge=1, description="Images per teacher batch, at most; see "

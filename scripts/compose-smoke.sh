@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The cluster for real, end to end: build the image, start the CPU profile (Redis, the API, a CPU
-# worker), register a made sample dataset over REST, label it with a small random-weight teacher,
-# fetch one image's labels and a heatmap, then tear everything down, volumes included.
+# The cluster for real, end to end: build the image, start the CPU profile (Redis, the API behind
+# its proxy, a CPU worker), register a made sample dataset over REST, label it with a small
+# random-weight teacher, fetch one image's labels and a heatmap, check that the proxy refuses an
+# oversized request head, then tear everything down, volumes included.
 #
 #   scripts/compose-smoke.sh                     # docker compose if it runs, else podman-compose
 #
@@ -15,6 +16,8 @@
 #   SMOKE_BUILD_NETWORK          the build's network, e.g. "host" for an index on this machine
 #   SMOKE_BUILD_REDIS=1          build Redis from the base's Debian packages
 #                                (deploy/redis/Dockerfile) instead of pulling redis:7
+#   SMOKE_BUILD_PROXY=1          build nginx from the base's Debian packages
+#                                (deploy/proxy/Dockerfile) instead of pulling nginx:1.27
 #   SMOKE_KEEP=1                 leave the stack up (no teardown) to look around
 #
 # Exits 0 when every step passed; otherwise 1, with the failing step and every container's logs.
@@ -68,7 +71,7 @@ teardown() {
   set +e
   if (( rc != 0 )); then
     say "FAILED at: $STEP"
-    for service in redis api worker-cpu; do
+    for service in redis api proxy worker-cpu; do
       echo "----- logs: $service"
       timeout 60 "${compose[@]}" "${files[@]}" logs --tail 200 "$service" 2>&1
     done
@@ -137,6 +140,16 @@ if [[ ${SMOKE_BUILD_REDIS:-} == 1 ]]; then
   say "built Redis from the base's packages"
 fi
 
+if [[ ${SMOKE_BUILD_PROXY:-} == 1 ]]; then
+  STEP="build proxy"
+  proxy_build=(build -f deploy/proxy/Dockerfile -t "tokenlabel-proxy:$TAG")
+  [[ -n ${TOKENLABEL_BASE_IMAGE:-} ]] && proxy_build+=(--build-arg "BASE_IMAGE=$TOKENLABEL_BASE_IMAGE")
+  [[ -n ${SMOKE_BUILD_NETWORK:-} ]] && proxy_build+=(--network "$SMOKE_BUILD_NETWORK")
+  within "$engine" "${proxy_build[@]}" deploy/proxy >/dev/null
+  export TOKENLABEL_PROXY_IMAGE=tokenlabel-proxy:$TAG
+  say "built nginx from the base's packages"
+fi
+
 # -- sample data, made by the image itself ------------------------------------------------------
 STEP="make the sample dataset and teacher"
 within "$engine" run --rm --user 0:0 -v "$work:/work" "tokenlabel:$TAG" python -c '
@@ -149,7 +162,7 @@ chmod -R a+rX "$work"
 # -- up ---------------------------------------------------------------------------------------
 STEP="start the CPU profile"
 up_began=$(date +%s)
-within "${compose[@]}" "${files[@]}" up -d --no-build redis api worker-cpu
+within "${compose[@]}" "${files[@]}" up -d --no-build redis api proxy worker-cpu
 STEP="wait for /readyz"
 ready() { curl -s --max-time 5 -o /dev/null -w '%{http_code}' "$api/readyz"; }
 wait_state 200 ready >/dev/null
@@ -182,4 +195,10 @@ curl -sS --fail --max-time 30 "${auth[@]}" -o "$work/heatmap.png" \
   || { echo "the heatmap is not a PNG" >&2; false; }
 say "image 0: $(jq -c '{status_description, grid, topk}' <<<"$labels"); heatmap" \
     "$(stat -c %s "$work/heatmap.png") bytes"
+
+STEP="the proxy refuses an oversized request head"
+pad=$(head -c 40000 /dev/zero | tr '\0' a)
+code=$(curl -s --max-time 30 -o /dev/null -w '%{http_code}' -H "X-Pad: $pad" "$api/healthz")
+[[ $code == 400 ]] || { echo "a 40 KB header: HTTP $code, not nginx's 400" >&2; false; }
+say "a 40 KB header: HTTP $code from the proxy"
 STEP="done"

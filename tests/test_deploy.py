@@ -1,7 +1,8 @@
-"""The deployment files: docker-compose.yml, deploy/Dockerfile and deploy/k8s/*.yaml parse and
-hold to the service's contracts (the `labeler` commands and options they run, the LABELER_
-settings they set, GPUs, shutdown grace, probes, non-root, Redis persistence). No Docker, no
-cluster, no network: the files are parsed, not run."""
+"""The deployment files: docker-compose.yml, deploy/Dockerfile, deploy/proxy/nginx.conf and
+deploy/k8s/*.yaml parse and hold to the service's contracts (the `labeler` commands and options
+they run, the LABELER_ settings they set, GPUs, shutdown grace, probes, non-root, Redis
+persistence, the proxy's bounds). No Docker, no cluster, no network: the files are parsed, not
+run."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+NGINX_CONF = DEPLOY / "proxy" / "nginx.conf"
 
 # The service's settings (pydantic-settings, prefix LABELER_): nothing else may be set.
 SETTINGS = frozenset({
@@ -28,6 +30,7 @@ SETTINGS = frozenset({
     "LABELER_API_KEYS", "LABELER_API_KEYS_FILE", "LABELER_VISIBILITY_TIMEOUT",
     "LABELER_TASK_TIME_LIMIT", "LABELER_DEVICE", "LABELER_BATCH_SIZE", "LABELER_PRECISION",
     "LABELER_DECODE_WORKERS", "LABELER_MAX_PIXELS", "LABELER_MAX_BODY_BYTES", "LABELER_LOG_LEVEL",
+    "LABELER_HEADER_TIMEOUT", "LABELER_MAX_HEADER_BYTES", "LABELER_MAX_CONNECTIONS",
 })
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
@@ -138,6 +141,24 @@ def compose_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return mounts
 
 
+def nginx_directives() -> dict[str, list[str]]:
+    """deploy/proxy/nginx.conf's simple directives (``name args;``, blocks flattened: the file
+    has one server) as name -> the arguments of each occurrence."""
+    text = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+    found: dict[str, list[str]] = {}
+    for statement, end in re.findall(r"([^;{}]*)([;{}])", text):
+        words = statement.split()
+        if words and end == ";":
+            found.setdefault(words[0], []).append(" ".join(words[1:]))
+    return found
+
+
+def nginx_bytes(size: str) -> int:
+    """An nginx size ("64k", "1m", "512") in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([kKmM]?)", size).groups()
+    return int(number) * {"": 1, "k": 1024, "m": 1 << 20}[unit.lower()]
+
+
 def gpu_workers(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in services.items()
             if argv(svc.get("command"))[:2] == ["labeler", "worker"]}
@@ -188,7 +209,7 @@ def test_compose_api_service(services) -> None:
     assert args[:2] == ["labeler", "api"]
     assert option_of(args, "--host") == "0.0.0.0"
     port = option_of(args, "--port")
-    assert any(str(p).endswith(f":{port}") for p in api["ports"]), api["ports"]
+    assert "ports" not in api, "the API is published through the proxy only"
     assert api["build"]["dockerfile"] == "deploy/Dockerfile"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     # The health check needs no curl (the image has none) and asks /healthz.
@@ -196,6 +217,56 @@ def test_compose_api_service(services) -> None:
     assert "curl" not in test and "wget" not in test
     assert any(a.startswith("python") for a in test)
     assert any(f"127.0.0.1:{port}/healthz" in a or f"localhost:{port}/healthz" in a for a in test)
+
+
+def test_compose_publishes_the_api_through_the_proxy(services) -> None:
+    """The host reaches the API only through nginx, configured by deploy/proxy/nginx.conf and
+    passing requests to the API's port; the official image by default, another where no
+    registry is reachable (as for Redis)."""
+    proxy = services["proxy"]
+    assert proxy["image"] == "${TOKENLABEL_PROXY_IMAGE:-nginx:1.27}"
+    assert "deploy/proxy/Dockerfile" in COMPOSE.read_text()
+    (published,) = proxy["ports"]
+    host, container = interpolate(str(published)).rsplit(":", 1)
+    assert host == "8000"
+    conf = nginx_directives()
+    assert conf["listen"] == [container]
+    api_port = option_of(argv(services["api"]["command"]), "--port")
+    assert conf["server"] == [f"api:{api_port}"] and conf["proxy_pass"] == ["http://api"]
+    assert compose_mounts(proxy)["/etc/nginx/nginx.conf"] == ("./deploy/proxy/nginx.conf", True)
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    assert argv(proxy["entrypoint"])[0] == "nginx" and "daemon off;" in argv(proxy["entrypoint"])
+    assert str(proxy["user"]).split(":")[0] not in {"root", "0"}
+    assert int(container) > 1024, "a non-root nginx cannot listen below 1024"
+
+
+def test_the_proxy_bounds_what_a_client_holds_before_the_api_sees_it() -> None:
+    """Request heads must arrive within a time, of a bounded size; bodies are bounded as the
+    API bounds them; connections per client are limited; idle and stalled clients are cut."""
+    from labeler_service.settings import Settings
+
+    conf = nginx_directives()
+    assert seconds(conf["client_header_timeout"][0]) <= Settings().header_timeout
+    assert seconds(conf["client_body_timeout"][0]) <= 60
+    assert seconds(conf["keepalive_timeout"][0]) <= 60
+    assert seconds(conf["send_timeout"][0]) <= 60
+    count, size = conf["large_client_header_buffers"][0].split()
+    assert int(count) * nginx_bytes(size) <= 4 * Settings().max_header_bytes
+    assert nginx_bytes(conf["client_max_body_size"][0]) == Settings().max_body_bytes
+    (zone,) = conf["limit_conn_zone"]
+    assert zone.startswith("$binary_remote_addr zone=per_client:")
+    assert conf["limit_conn"] and conf["limit_conn"][0].startswith("per_client ")
+    assert all(path.startswith("/tmp/") for name, values in conf.items()
+               if name.endswith("_temp_path") or name == "pid" for path in values)
+
+
+def test_the_offline_proxy_image_is_nginx_from_packages_as_non_root() -> None:
+    instructions = dockerfile_instructions(DEPLOY / "proxy" / "Dockerfile")
+    assert any(i == "RUN" and "apt-get install" in rest and " nginx" in rest
+               for i, rest in instructions)
+    (user,) = [rest for i, rest in instructions if i == "USER"]
+    assert user.split(":")[0] not in {"root", "0"}
+    assert ("EXPOSE", "8080") in instructions
 
 
 def test_compose_api_keys_come_from_a_secret_file(services, compose) -> None:
@@ -476,8 +547,8 @@ def test_k8s_labeler_pods_use_the_image_user(k8s) -> None:
 
 # -- deploy/Dockerfile and .dockerignore ------------------------------------------------------
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
     lines = [line.strip() for line in text.splitlines()]
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
             for line in lines if line and not line.startswith("#")]

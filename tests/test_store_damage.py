@@ -382,3 +382,15 @@ def test_hashing_processes_exit_when_the_scan_is_killed(tmp_path: Path, images: 
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "hashing processes outlived the scan that started them"
+
+
+def test_datasets_are_listed_by_name_and_a_stray_folder_is_none(registered: Store):
+    """Names come from one listing of datasets/ (reading every dataset's metadata was most of a
+    dataset listing's cost, R17); a folder a crash left without its group document is no
+    dataset, and lookups over all datasets do not trip on it."""
+    (Path(registered.location) / "datasets" / "stray").mkdir()
+    (Path(registered.location) / "datasets" / "stray" / "junk").write_bytes(b"x")
+    assert registered.dataset_names() == ["toy"]
+    with pytest.raises(KeyError):
+        registered.labelset("no-such-labelset")
+    assert verify_store(registered).ok

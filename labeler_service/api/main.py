@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
 from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException
@@ -18,6 +19,7 @@ from labeler_service.api.deps import require_api_key
 from labeler_service.api.metrics import Metrics
 from labeler_service.api.routes import datasets, health, jobs, labelsets
 from labeler_service.api.schemas import Problem
+from labeler_service.api.server import head_too_large
 from labeler_service.jobs import JobStore
 from labeler_service.queue import app as celery_app
 from labeler_service.queue import configure, enqueue_plan, jobs_in_broker
@@ -59,6 +61,55 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class HeadSizeLimit:
+    """431 for a request head (request line and headers) over the limit. The server's parser
+    refuses a head that grows past it while arriving (labeler_service/api/server.py); one that
+    arrives whole in a single read is parsed, and refused here."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and head_size(scope) > self.max_bytes:
+            return await head_too_large(self.max_bytes)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def head_size(scope: Scope) -> int:
+    """The bytes of the request line and headers as sent (give or take whitespace)."""
+    line = len(scope["method"]) + len(scope["raw_path"]) + len(scope["query_string"]) + 12
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"]) + 2
+
+
+class EncodedBodyRefusal:
+    """415 for a request body with a Content-Encoding other than identity (RFC 9110 15.5.16):
+    the routes read JSON as sent, and a gzip body read as JSON would be answered as malformed
+    JSON. Refused before it is read, so nothing is decompressed (no zip bomb)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            coding = encoded_body_coding(dict(scope["headers"]))
+            if coding is not None:
+                response = problems.problem(
+                    415, f"request bodies with Content-Encoding {coding[:64]!r} are not accepted: "
+                         "send the body uncompressed", headers={"Accept-Encoding": "identity"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def encoded_body_coding(headers: dict[bytes, bytes]) -> str | None:
+    """The Content-Encoding of a request that has a body, unless it is identity."""
+    has_body = bool(headers.get(b"content-length", b"").lstrip(b"0")) or (
+        b"transfer-encoding" in headers)
+    coding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
+    if not has_body or coding.lower() in ("", "identity"):
+        return None
+    return coding
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -67,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure(celery_app, settings)  # jobs go to this app's Redis, whatever the environment
         app.state.settings = settings
         app.state.heatmap_renders = threading.BoundedSemaphore(settings.heatmap_concurrency)
+        app.state.listings = anyio.CapacityLimiter(settings.listing_concurrency)
         # Listed in a child process (no torch here), before the first POST needs them.
         threading.Thread(target=model_names.warm, daemon=True).start()
         app.state.api_keys = [k.encode() for k in settings.api_key_list()]
@@ -109,6 +161,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(EncodedBodyRefusal)
+    app.add_middleware(HeadSizeLimit, max_bytes=settings.max_header_bytes)
 
     @app.middleware("http")  # outermost: sees every response, 413s and 500s included
     async def count_requests(request, call_next):
@@ -127,6 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     secured = [Depends(require_api_key)]
     errors = {401: {"description": "No valid API key", "model": Problem},
               413: {"description": "Request body too large", "model": Problem},
+              415: {"description": "Request body with a Content-Encoding: send it "
+                                   "uncompressed", "model": Problem},
               503: {"description": "Redis unavailable", "model": Problem}}
     for module in (datasets, jobs, labelsets):
         app.include_router(module.router, prefix="/v1", dependencies=secured, responses=errors)

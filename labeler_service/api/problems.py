@@ -32,7 +32,8 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
             # FastAPI's answer when json.loads itself raises (a RecursionError on deeply nested
             # JSON): as for any other body that is not valid JSON, 422.
-            return problem(422, "the request body is not valid JSON (nested too deeply?)")
+            return problem(422, "the request body is not valid JSON (not UTF-8, or nested too "
+                                "deeply)")
         return problem(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ManifestDamaged)

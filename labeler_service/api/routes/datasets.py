@@ -14,14 +14,15 @@ import base64
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+import anyio
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from labeler_service.api.deps import RegistrationsDep, SettingsDep, StoreDep
 from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut, Problem
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
 from labeler_service.queue import enqueue_registration
-from labeler_service.registrations import Registration, lookup, ready_dataset
-from storage import Dataset
+from labeler_service.registrations import Registration, RegistrationStore, lookup, ready_dataset
+from storage import Dataset, Store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 RETRY_AFTER_SECONDS = "5"  # a scan takes seconds to many minutes
@@ -107,13 +108,23 @@ def register_dataset(body: DatasetCreate, settings: SettingsDep, store: StoreDep
 
 @router.get("", response_model=DatasetList,
             responses={400: {"description": "Invalid page_token"}})
-def list_datasets(store: StoreDep, registrations: RegistrationsDep,
-                  page_size: Annotated[int, Query(ge=1, le=500)] = 100,
-                  page_token: Annotated[str | None, Query(max_length=512)] = None
-                  ) -> DatasetList:
+async def list_datasets(request: Request, store: StoreDep, registrations: RegistrationsDep,
+                        page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+                        page_token: Annotated[str | None, Query(max_length=512)] = None
+                        ) -> DatasetList:
     """Datasets by name: ready ones (the store's) and registrations in progress or failed.
     Only the page's datasets are opened; pass ``next_page_token`` back for the next page."""
     after = decode_name_token(page_token) if page_token else ""
+    # A page reads a few store objects per dataset: a burst of listings in the shared thread
+    # pool held every thread and stalled every sync route. They run a few at a time instead
+    # (LABELER_LISTING_CONCURRENCY); the others wait on the event loop, holding no thread.
+    return await anyio.to_thread.run_sync(list_page, store, registrations, page_size, after,
+                                          limiter=request.app.state.listings)
+
+
+def list_page(store: Store, registrations: RegistrationStore, page_size: int,
+              after: str) -> DatasetList:
+    """Up to ``page_size`` datasets named after ``after``, and the next page's token."""
     pending = {r.name: r for r in registrations.all() if r.state != "ready"}
     names = sorted(n for n in set(store.dataset_names()) | set(pending) if n > after)
     page: list[DatasetOut] = []

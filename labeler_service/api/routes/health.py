@@ -13,6 +13,8 @@ from labeler_service.paths import public_reason
 router = APIRouter(tags=["health"])
 
 
+# HEAD too, as load balancers probe (kept out of the OpenAPI document: the same answer).
+@router.head("/healthz", response_class=PlainTextResponse, include_in_schema=False)
 @router.get("/healthz", response_class=PlainTextResponse)
 async def healthz() -> str:
     """The process is up. (async: answered on the event loop, never behind busy worker
@@ -20,6 +22,7 @@ async def healthz() -> str:
     return "ok"
 
 
+@router.head("/readyz", response_class=PlainTextResponse, include_in_schema=False)
 @router.get("/readyz", response_class=PlainTextResponse,
             responses={503: {"description": "Redis or the store is unreachable, or the store "
                                             "cannot be written"}})
