@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from labeler_service.sample import SAMPLE_CLASSES, make_random_checkpoint, make_sample_images
-from storage import Store
+from storage import ImageStatus, Store
 
 NUM_CLASSES = len(SAMPLE_CLASSES)
 
@@ -29,6 +29,23 @@ def assert_compiled_labels_match(compiled, eager) -> None:
     clear = eager.logits[:, 0].astype(np.float32) - eager.logits[:, 1] > 1e-2
     assert clear.mean() > 0.5
     assert (compiled.classes[:, 0][clear] == eager.classes[:, 0][clear]).all()
+
+
+def write_random_labels(labelset, seed: int = 0, failed: frozenset[int] = frozenset()) -> None:
+    """Every shard of ``labelset`` written with random labels, every field a teacher writes (so
+    none reads as damaged); the images in ``failed`` with status 1 (unreadable) instead."""
+    rng = np.random.default_rng(seed)
+    for shard in range(labelset.num_shards):
+        block = labelset.empty_block(shard)
+        block.logits[:] = np.sort(rng.normal(size=block.logits.shape), axis=1)[:, ::-1]
+        block.classes[:] = rng.integers(0, labelset.teacher.num_classes,
+                                        size=block.classes.shape)
+        block.lse[:] = 2.0
+        block.global_logits[:] = block.logits[:, :, 0, 0]
+        block.global_classes[:] = block.classes[:, :, 0, 0]
+        block.status[:] = [ImageStatus.UNREADABLE if i in failed else ImageStatus.LABELED
+                           for i in range(block.start, block.stop)]
+        labelset.write_shard(shard, block)
 
 
 @pytest.fixture(scope="session")

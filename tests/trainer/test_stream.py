@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from labeler_service.sample import make_sample_images
-from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
+from storage import LabelSetConfig, Store, TeacherSpec
 from storage.splits import held_out
+from tests.conftest import write_random_labels
 from trainer.data.stream import (
     FingerprintMismatch,
     StreamConfig,
@@ -37,17 +38,7 @@ def labeled(tmp_path_factory) -> tuple[Path, str]:
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint,
         shard_size=4, chunk_size=2))
-    rng = np.random.default_rng(0)
-    for shard in range(labelset.num_shards):
-        block = labelset.empty_block(shard)
-        block.logits[:] = np.sort(rng.normal(size=block.logits.shape), axis=1)[:, ::-1]
-        block.classes[:] = rng.integers(0, 3, size=block.classes.shape)
-        block.lse[:] = 2.0
-        block.global_logits[:] = block.logits[:, :, 0, 0]
-        block.global_classes[:] = block.classes[:, :, 0, 0]
-        block.status[:] = [ImageStatus.UNREADABLE if i in FAILED else ImageStatus.LABELED
-                           for i in range(block.start, block.stop)]
-        labelset.write_shard(shard, block)
+    write_random_labels(labelset, failed=frozenset(FAILED))
     return root / "store", labelset.id
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from labeler_service.sample import make_sample_images
-from storage import ImageStatus, LabelSetConfig, Store, TeacherSpec
+from storage import LabelSetConfig, Store, TeacherSpec
+from tests.conftest import write_random_labels
 from trainer.checkpoints import CheckpointError, read_checkpoint
 from trainer.cli import main
 from trainer.data.stream import StreamConfig, TokenLabelStream
@@ -56,16 +57,7 @@ def toy(tmp_path) -> tuple[Path, str, Path]:
     labelset = dataset.create_labelset(LabelSetConfig(
         teacher=teacher, topk=2, grid=(2, 2), dataset_fingerprint=dataset.fingerprint,
         shard_size=4, chunk_size=2))
-    rng = np.random.default_rng(0)
-    for shard in range(labelset.num_shards):
-        block = labelset.empty_block(shard)
-        block.logits[:] = np.sort(rng.normal(size=block.logits.shape), axis=1)[:, ::-1]
-        block.classes[:] = rng.integers(0, 3, size=block.classes.shape)
-        block.lse[:] = 2.0
-        block.global_logits[:] = block.logits[:, :, 0, 0]
-        block.global_classes[:] = block.classes[:, :, 0, 0]
-        block.status[:] = ImageStatus.LABELED
-        labelset.write_shard(shard, block)
+    write_random_labels(labelset)
     assert labelset.record_completion() is not None
     return tmp_path / "store", labelset.id, images
 
