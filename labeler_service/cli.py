@@ -465,8 +465,9 @@ def worker(gpu: int | None, concurrency: int, name: str | None, queues: str,
               default=Path("demo"), show_default=True,
               help="Where the scenes, the teacher, the panels and the student go.")
 @store_option
-@click.option("--images", type=click.IntRange(20), default=None,
-              help="Scenes to make (default: the quickstart's, 2500).")
+@click.option("--images", type=click.IntRange(50), default=None,
+              help="Scenes to make (default: the quickstart's, 2500; at least 50, so the "
+                   "student's batches of 32 fill from the 80 % not held out).")
 @click.option("--teacher-epochs", type=click.IntRange(1), default=None,
               help="Default: the quickstart's (see BENCHMARKS.md).")
 @click.option("--student-epochs", type=click.IntRange(1), default=None)

@@ -310,14 +310,15 @@ def test_sample_scenes_writes_nothing_into_a_folder_of_other_files(run, tmp_path
 
 def test_demo_with_fewer_images_keeps_the_registered_scenes(run, tmp_path: Path):
     """A14: ``labeler demo --images 20`` after a 40-image demo in the same folder deleted 20
-    registered scenes, then failed. It is refused before anything is written."""
+    registered scenes, then failed. Fewer scenes than registered are refused before anything
+    is written."""
     from labeler_service.demo import DATASET
     from labeler_service.scenes import make_scenes
 
-    make_scenes(tmp_path / "demo" / "scenes", images=40)  # the 40-image demo's first step
+    make_scenes(tmp_path / "demo" / "scenes", images=60)  # the 60-image demo's first step
     Store.open(tmp_path / "store").add_dataset(DATASET, tmp_path / "demo" / "scenes")
     before = scene_files(tmp_path / "demo")
-    out = run("demo", "--images", "20", "--no-progress", code=1)
+    out = run("demo", "--images", "50", "--no-progress", code=1)
     assert "holds the images of dataset 'scenes'" in out.strip().splitlines()[-1]
     assert scene_files(tmp_path / "demo") == before
 
