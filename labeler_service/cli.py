@@ -5,17 +5,14 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from labeler_service.checkpoint_files import OUTPUT_STRIDES
+from labeler_service.reports import echo_fit_report, echo_label_report, echo_verify_report
 from labeler_service.settings import INPUT_SIZE_MAX, INPUT_SIZE_MIN
 from storage import Store, StoreError
 from storage.labelset import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE
-
-if TYPE_CHECKING:
-    from labeler_service.labeling import LabelingReport
 
 store_option = click.option(
     "--store", "store_location", envvar="LABELER_STORE", default="store", show_default=True,
@@ -161,26 +158,9 @@ def label(dataset: str, model: str, checkpoint: Path | None, random_weights: boo
                            part=parse_part(part), ignore_dataset_classes=ignore_dataset_classes,
                            retry_failed=retry_failed,
                            output_stride=int(output_stride) if output_stride else None)
-    echo_label_report(report, store, dataset)
+    echo_label_report(report, store, dataset, click.echo)
     if report.images_failed and not report.images_labeled:
         raise click.ClickException("no image could be labeled: the job failed as a whole")
-
-
-def echo_label_report(report: LabelingReport, store: Store, dataset: str) -> None:
-    failed = report.images_done - report.images_labeled
-    rate = report.images_done / report.seconds if report.seconds else 0.0
-    click.echo(f"label set {report.labelset_id}: {report.images_labeled} images labeled, "
-               f"{failed} failed, {report.shards_written} shards written, "
-               f"{report.shards_skipped} already done ({report.seconds:.1f} s, {rate:.1f} img/s)")
-    for status, count in sorted(report.images_failed.items()):
-        click.echo(f"  {count} x {status.description}")
-    for path, reason in report.failures[:10]:
-        click.echo(f"    {path}: {reason}")
-    if report.agreement is not None:
-        from labeler_service.quality import describe_agreement
-
-        click.echo(describe_agreement(report.agreement))
-    click.echo(f"results: {store.location}/datasets/{dataset}/labels/{report.labelset_id}")
 
 
 # -- teachers ---------------------------------------------------------------------------------
@@ -241,21 +221,8 @@ def teacher_fit_cmd(dataset: str, model: str, input_size: int, out: Path,
                          crop_scale=(crop_scale, 1.0), zoom_out=zoom_out, progress=progress)
     report = fit_teacher(Store.open(store_location), dataset, model, out, options,
                          checkpoint=checkpoint, head_only=head_only)
-    echo_fit_report(report)
+    echo_fit_report(report, click.echo)
     click.echo(f"teacher: {out} (report: {report_path_for(out)})")
-
-
-def echo_fit_report(report) -> None:
-    how = "head only" if report.head_only else ("fine-tuned" if report.backbone else
-                                                "from scratch")
-    click.echo(f"{report.model} ({how}) on {report.dataset}: {len(report.class_names)} classes, "
-               f"{report.train_images} training images, {report.images_failed} unreadable, "
-               f"{report.seconds:.1f} s")
-    if report.heldout_top1 is None:
-        click.echo("held-out: no image held out (raise --val-permille to measure the teacher)")
-    else:
-        click.echo(f"held-out top-1 {100 * report.heldout_top1:.1f} %, top-5 "
-                   f"{100 * report.heldout_top5:.1f} % ({report.heldout_images} images)")
 
 
 # -- label quality ----------------------------------------------------------------------------
@@ -339,28 +306,9 @@ def store_verify(store_location: str, repair: bool) -> None:
     """Decode and check every array of every completed shard; report missing shards, failed
     images and fingerprint mismatches; exit 1 if inconsistent (after --repair: if anything is
     left that labeling cannot fix)."""
-    if not echo_verify_report(Store.open(store_location, mode="a" if repair else "r"), repair):
+    store = Store.open(store_location, mode="a" if repair else "r")
+    if not echo_verify_report(store, click.echo, repair):
         raise SystemExit(1)
-
-
-def echo_verify_report(store: Store, repair: bool = False) -> bool:
-    from storage.verify import verify_store
-
-    report = verify_store(store, repair)
-    for note in report.notes:
-        click.echo(f"note: {note}")
-    for problem in report.problems:
-        click.echo(f"problem: {problem}")
-    shards = [r for r in report.repaired if r[1] >= 0]
-    if shards:
-        click.echo(f"repaired: {len(shards)} shards marked for labeling again; run the label "
-                   "job again to rewrite them")
-    if len(shards) < len(report.repaired):
-        click.echo(f"repaired: {len(report.repaired) - len(shards)} completion summaries "
-                   "rebuilt from the status records")
-    if report.ok:
-        click.echo("store is consistent")
-    return report.ok or (repair and len(report.problems) == len(report.repaired))
 
 
 @main.command("import-tokenlabeling")

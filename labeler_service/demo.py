@@ -24,6 +24,7 @@ from pathlib import Path
 from labeler_service.heatmap import render_panel
 from labeler_service.labeling import LabelingOptions, label_dataset
 from labeler_service.quality import describe_quality, evaluate_labels
+from labeler_service.reports import echo_label_report, echo_verify_report
 from labeler_service.scenes import SCENE_CLASSES, load_mask, make_scenes
 from labeler_service.teacher_fit import FitOptions, fit_teacher, report_path_for
 from storage import ImageStatus, Store
@@ -143,11 +144,9 @@ def make_labels(directory: Path, store_location: str, config: DemoConfig,
     report = label_dataset(store, DATASET, config.teacher, teacher, config.label_size,
                            config.topk, LabelingOptions(batch_size=32, num_workers=config.workers,
                                                         progress=config.progress))
-    from labeler_service.cli import echo_label_report, echo_verify_report
-
-    echo_label_report(report, store, DATASET)
+    echo_label_report(report, store, DATASET, echo)
     figures["agreement"] = report.agreement
-    if not echo_verify_report(store):
+    if not echo_verify_report(store, echo):
         raise RuntimeError("the store is not consistent after labeling")
 
     labelset = store.labelset(report.labelset_id)

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from labeler_service.quality import record_agreement
 from labeler_service.teacher import (
     DenseTeacher,
     TeacherError,
@@ -516,8 +517,6 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
         # nothing).
         if (report.shards_written or report.agreement is None) and not report.stopped \
                 and labelset.is_complete():
-            from labeler_service.quality import record_agreement
-
             labelset.record_completion()
             report.agreement = record_agreement(dataset, labelset)
     return report

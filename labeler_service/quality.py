@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from labeler_service.labeling import label_space_problem
 from labeler_service.scenes import MaskRejected, load_mask, mask_path
+from labeler_service.teacher import label_space_problem
 from storage import Dataset, ImageStatus, LabelSet, TeacherSpec
 
 AGREEMENT_TOPK = 5

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import torch
 from celery import Task, signals
 from celery.exceptions import TimeLimitExceeded
 
@@ -41,7 +42,17 @@ from labeler_service.jobs import (
     Resolutions,
     file_signature,
 )
-from labeler_service.paths import public_reason
+from labeler_service.labeling import (
+    ImageDecoder,
+    LabelingOptions,
+    LabelingReport,
+    TeacherRunner,
+    check_class_space,
+    label_shards,
+    labelset_config,
+)
+from labeler_service.paths import public_reason, resolve_inside
+from labeler_service.quality import record_agreement
 from labeler_service.queue import (
     PLAN_TASK,
     QUEUES,
@@ -52,8 +63,12 @@ from labeler_service.queue import (
     enqueue_registration,
     enqueue_shard,
 )
+from labeler_service.registrations import RegistrationStore, describe, run_registration
 from labeler_service.settings import get_settings
+from labeler_service.teacher import TeacherError, build_teacher
+from storage import ImageStatus, Store, StoreError
 from storage.images import DecodingProcessDied
+from storage.verify import completed_shard_problem
 
 log = logging.getLogger(__name__)
 # Errors worth retrying: the store or Redis briefly unreachable, a decoding process killed.
@@ -65,8 +80,6 @@ TRANSIENT = (OSError, redis.ConnectionError, redis.TimeoutError, DecodingProcess
 @lru_cache(maxsize=1)
 def services():
     """Redis client, store and job repository of this process."""
-    from storage import Store
-
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = Store.open(settings.store)
@@ -75,8 +88,6 @@ def services():
 
 @lru_cache(maxsize=1)
 def registration_store():
-    from labeler_service.registrations import RegistrationStore
-
     settings = get_settings()
     return RegistrationStore(services()[0], settings.job_ttl_seconds, settings.visibility_timeout)
 
@@ -96,11 +107,6 @@ def teacher_for(model: str, checkpoint: str, signature: tuple, input_size: int, 
     """``signature`` (the checkpoint's jobs.file_signature) is in the cache key only: a
     checkpoint rewritten or replaced under the same path is loaded again, not served from
     here."""
-    import torch
-
-    from labeler_service.labeling import TeacherRunner
-    from labeler_service.teacher import build_teacher
-
     settings = get_settings()
     device = torch.device(settings.device if torch.cuda.is_available() else "cpu")
     precision = settings.precision if device.type == "cuda" else "fp32"
@@ -123,10 +129,6 @@ def decoder_for(dataset_name: str, labelset_id: str, device: str):
     """The decoding processes for a label set's images, started at its first shard task and
     kept for the next ones (starting them per task cost ~120 ms a shard on 2 CPU cores:
     BENCHMARKS.md). Replacing it ends the previous one's processes."""
-    import torch
-
-    from labeler_service.labeling import ImageDecoder
-
     dataset = dataset_for(dataset_name)
     return ImageDecoder.for_labelset(dataset, dataset.labelset(labelset_id), labeling_options(),
                                      torch.device(device))
@@ -134,14 +136,10 @@ def decoder_for(dataset_name: str, labelset_id: str, device: str):
 
 def resolve_checkpoint(relative: str) -> Path:
     """A request's checkpoint path, inside the checkpoint root (re-checked on the worker)."""
-    from labeler_service.paths import resolve_inside
-
     return resolve_inside(get_settings().checkpoint_root, relative)
 
 
 def labeling_options():
-    from labeler_service.labeling import LabelingOptions
-
     settings = get_settings()
     options = LabelingOptions(batch_size=settings.batch_size, num_workers=settings.decode_workers,
                               device=settings.device, precision=settings.precision,
@@ -179,8 +177,6 @@ class LabelerTask(Task):
         client = redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
         try:
             if self.name == PLAN_TASK:
-                from storage import Store
-
                 JobStore(client, Store.open(get_settings().store), get_settings().job_ttl_seconds,
                          enqueue_plan).finish(args[0], "failed", "planning the job took longer "
                                               "than the task time limit")
@@ -196,8 +192,6 @@ def fail_registration_at_time_limit(client: redis.Redis, name: str, attempt: str
     """A scan killed at the hard time limit: it could not pause (no file finished hashing, no
     folder finished listing, in the last tenth of its time). Failed at once with what to do,
     rather than registering until declared lost; the scan's hashing processes exit with it."""
-    from labeler_service.registrations import RegistrationStore
-
     settings = get_settings()
     seconds = f"{limit:.0f} s" if isinstance(limit, int | float) else "its time"
     log.warning("registration %s (attempt %s) was killed at the time limit (%s)", name,
@@ -220,10 +214,6 @@ def task_time_limit(task: Task) -> float | None:
 @app.task(bind=True, base=LabelerTask, name=PLAN_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def plan_job(self, job_id: str) -> None:
-    from labeler_service.labeling import check_class_space, labelset_config
-    from labeler_service.teacher import TeacherError
-    from storage import StoreError
-
     client, _, jobs = services()
     heartbeat(client, self.request.hostname or "worker")
     job = jobs.get(job_id)
@@ -275,8 +265,6 @@ def repair_completed_shards(labelset) -> list[int]:
     check the completion summary against the status records (a status object lost under a
     summary that still says complete): rebuilt from them, or removed while shards are
     pending, so the job labels them. What a repair pays for: every shard is read."""
-    from storage.verify import completed_shard_problem
-
     claimed_complete = labelset.completion() is not None
     pending = set(labelset.pending_shards())
     bad = [s for s in range(labelset.num_shards)
@@ -297,8 +285,6 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
     """Every shard is written: record the label set's summaries, then succeed (in that order,
     so a job reads succeeded only with its figures). A job in which no image could be labeled
     fails, with the commonest reason, as ``labeler label`` does."""
-    from storage import ImageStatus
-
     status = labelset.status()
     if status.size and not (status == ImageStatus.LABELED).any():
         codes, counts = np.unique(status[status > 0], return_counts=True)
@@ -313,8 +299,6 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
 def record_summaries(dataset, labelset) -> dict:
     """Record a complete label set's completion summary (GET /v1/labelsets and POST /v1/jobs
     read it in O(1)) and measure its teacher agreement; the agreement."""
-    from labeler_service.quality import record_agreement
-
     labelset.record_completion()
     return record_agreement(dataset, labelset)
 
@@ -333,8 +317,6 @@ def over_delivered(client: redis.Redis, job_id: str, shard: int) -> bool:
 def give_up_shard(labelset, shard: int):
     """Write the shard with every image failed as SHARD_GAVE_UP, so the job goes on; labeling
     with ``retry_failed`` tries them again. Returns the shard's status."""
-    from storage import ImageStatus
-
     block = labelset.empty_block(shard)
     block.status[:] = ImageStatus.SHARD_GAVE_UP
     labelset.write_shard(shard, block)
@@ -346,9 +328,6 @@ def give_up_shard(labelset, shard: int):
 @app.task(bind=True, base=LabelerTask, name=SHARD_TASK, autoretry_for=TRANSIENT,
           retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def label_shard(self, job_id: str, shard: int) -> None:
-    from labeler_service.labeling import LabelingReport, label_shards
-    from storage import ImageStatus
-
     client, store, jobs = services()
     heartbeat(client, self.request.hostname or "worker")
     job = jobs.get(job_id)
@@ -419,8 +398,6 @@ def register_dataset(self, name: str, attempt: str, part: int = 0) -> str | None
     again after a crash, it is harmless: ``add_dataset`` finds the dataset it wrote (same
     contents: nothing to do), rewrites one left half-written, or goes on from the last pause.
     """
-    from labeler_service.registrations import describe, run_registration
-
     client, store, _ = services()
     heartbeat(client, self.request.hostname or "worker")
     registrations = registration_store()

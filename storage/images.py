@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from storage import ImageStatus
+from storage.status import ImageStatus
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default bomb limit: about 13k x 13k
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

@@ -78,3 +78,93 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     assert "labeler_service" in imported_packages(bad)
     bad.write_text("from labeler_service import tasks\n")
     assert "labeler_service.tasks" in imported_modules(bad)
+
+
+# -- no circle anywhere -------------------------------------------------------------------------
+
+PACKAGES = ("storage", "labeler_service", "trainer")
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_edges(path: Path, own: str, modules: set[str]) -> set[str]:
+    """The project modules ``path`` (module ``own``) imports, at any depth (lazy imports inside
+    functions included): ``from a.b import c`` is an edge to ``a.b.c`` when that is a module,
+    else to ``a.b``. A package's ``__init__`` run on the way to a submodule is not an edge of
+    its own: Python has it under way already, so it closes no circle."""
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                       for alias in node.names]
+        else:
+            continue
+        edges |= {target for target in targets if target in modules and target != own}
+    return edges
+
+
+def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    paths = [path for package in packages for path in sorted((root / package).rglob("*.py"))]
+    names = {path: module_name(path, root) for path in paths}
+    return {name: import_edges(path, name, set(names.values())) for path, name in names.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_round_a_circle():
+    """No circle of imports between modules, lazy imports counted (a lazy import hides a circle
+    from Python, not from the next reader)."""
+    assert cycles(import_graph()) == []
+
+
+def test_the_circle_check_sees_a_planted_circle(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import f\n")
+    (package / "b.py").write_text("def f():\n    from pkg import a\n")
+    (package / "c.py").write_text("from . import a\n")
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.c"] == {"pkg.a"}
+    assert cycles(graph) == [["pkg.a", "pkg.b"]]
