@@ -42,9 +42,13 @@ class Settings(BaseSettings):
     header_timeout: float = Field(10, gt=0, description="Seconds a connection has to send a "
                                   "whole request head, from when it opened or from its previous "
                                   "response; then it is closed.")
+    body_timeout: float = Field(10, gt=0, description="Seconds a connection has to send a "
+                                "whole request body, from the end of its head (bodies are at "
+                                "most max_body_bytes); then it is closed.")
     max_connections: int = Field(1000, ge=1, description="Open client connections per API "
-                                 "process; one more closes the connection that has waited "
-                                 "longest for a request head (or, with none waiting, itself).")
+                                 "process; one more closes the connection that has owed a "
+                                 "request head or body the longest (or, with none owing, is "
+                                 "answered 503).")
     listing_concurrency: int = Field(2, ge=1, description="Dataset listings (GET /v1/datasets) "
                                      "computed at once per API process, in threads of their "
                                      "own; more wait their turn while other routes answer.")

@@ -13,15 +13,19 @@ good), and connections are accepted until the process runs out of file descripto
   refused by the app, ``main.HeadSizeLimit``);
 - ``GuardedH11Protocol`` closes a connection that has not sent a whole request head
   ``header_timeout`` seconds after it opened or after its previous response (uvicorn has only a
-  keep-alive timeout, which the first byte of a head cancels);
+  keep-alive timeout, which the first byte of a head cancels), or a whole body
+  ``body_timeout`` seconds after its head (FastAPI reads the body before any key is checked);
 - at most ``max_connections`` are open per process: one more closes the connection that has
-  waited longest for a request head (an idle, slow or half-open client; never one with a
-  request in flight), so a new client is served while a flood of idle connections is cut.
-  uvicorn's own ``limit_concurrency`` counts idle connections as load: under such a flood it
-  answers 503 to every request, ``/healthz`` included.
+  owed a head or a body the longest (an idle, slow or half-open client; never one the app is
+  answering), so a new client is served while a flood of stalled connections is cut; when every
+  connection is being answered, the new one gets a 503. uvicorn's own ``limit_concurrency``
+  counts idle connections as load: under such a flood it answers 503 to every request,
+  ``/healthz`` included.
 
 A reverse proxy in front (deploy/proxy/nginx.conf, a Kubernetes Ingress) bounds the same things
-at the edge; these hold where the API is reached directly.
+at the edge, and connections per client address, which the API does not: these bounds hold
+where the API is reached directly, but ``max_connections`` clients each answered slowly (a
+slow reader of large answers) still fill it.
 """
 
 from __future__ import annotations
@@ -43,76 +47,91 @@ from labeler_service.settings import get_settings
 # File descriptors a process needs besides client connections: Redis connections, store files
 # and pipes of the requests in the thread pool (40 threads), the log, the model-list child.
 FD_RESERVE = 256
+_BUSY_BODY = b'{"type":"about:blank","title":"Service Unavailable","status":503,' \
+    b'"detail":"every connection of this API process is being answered; retry"}'
+# Written raw: the new connection has sent no request yet, and h11 answers only requests.
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n"
+        b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+        + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each request head and a cap on connections.
+    """uvicorn's h11 protocol with deadlines on what a client owes and a cap on connections.
 
-    A connection is *waiting* while h11 expects a request head from it (its state IDLE): from
-    when it opens, and again from the end of each response. It is never waiting while a
-    request is in flight.
+    A connection *owes* a request head while h11 expects one from it (its state IDLE: from when
+    it opens, and again from the end of each response), then the request's body while it is
+    being sent (SEND_BODY). Each has a deadline from when it became owed (trickling bytes does
+    not restart it): ``header_timeout`` for a head, ``body_timeout`` for a body (bodies are at
+    most ``max_body_bytes``). A connection owes nothing while the app answers it.
     """
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = get_settings()
-        self.waiting_since: float | None = None
-        self.head_deadline: asyncio.TimerHandle | None = None
+        self.owed: Any = None  # h11.IDLE (a head) or h11.SEND_BODY (a body), or None
+        self.owed_since: float | None = None
+        self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.watch_head()
+        self.watch_input()
         self.make_room()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        self.watch_head()
+        self.watch_input()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self.watch_head()
+        self.watch_input()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_waiting()
+        self.stop_watching()
         super().connection_lost(exc)
 
-    def watch_head(self) -> None:
-        """Start the head's deadline when the connection begins waiting (not again while it
-        trickles a head in), stop it once a request arrives."""
-        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-        if not waiting:
-            self.stop_waiting()
-        elif self.waiting_since is None:
-            self.waiting_since = self.loop.time()
-            self.head_deadline = self.loop.call_later(self.limits.header_timeout,
-                                                      self.head_timed_out)
+    def watch_input(self) -> None:
+        """Start a deadline when the connection comes to owe a head or a body; stop it once
+        that has arrived."""
+        state = self.conn.their_state
+        owed = state if state in (h11.IDLE, h11.SEND_BODY) and \
+            not self.transport.is_closing() else None
+        if owed is self.owed:
+            return
+        self.stop_watching()
+        if owed is not None:
+            self.owed, self.owed_since = owed, self.loop.time()
+            timeout = (self.limits.header_timeout if owed is h11.IDLE
+                       else self.limits.body_timeout)
+            self.deadline = self.loop.call_later(timeout, self.close_stalled)
 
-    def stop_waiting(self) -> None:
-        self.waiting_since = None
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
-            self.head_deadline = None
+    def stop_watching(self) -> None:
+        self.owed = self.owed_since = None
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
-    def head_timed_out(self) -> None:
-        self.head_deadline = None
-        if self.waiting_since is not None:
-            self.close_waiting()
-
-    def close_waiting(self) -> None:
-        """Close a connection that has no request in flight (nothing to answer)."""
-        self.stop_waiting()
+    def close_stalled(self) -> None:
+        """Close a connection that did not send what it owes in time: before its head there is
+        nothing to answer; mid-body, the app sees the client gone (``http.disconnect``)."""
+        self.stop_watching()
         self.transport.close()
 
     def make_room(self) -> None:
-        """Over ``max_connections``: close the connection waiting longest for a head, or this
-        new one if none is waiting. (Closing ones still count until closed: each new
-        connection closes one.)"""
+        """Over ``max_connections``: close the connection that has owed a head or a body the
+        longest (idle, slow or half-open clients; never one the app is answering), or, if
+        every other connection is being answered, answer this new one 503. (Closing ones
+        still count until closed: each new connection closes one.)"""
         if len(self.connections) <= self.limits.max_connections:
             return
-        waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol)
-                   and c is not self and c.waiting_since is not None]
-        min(waiting, key=lambda c: c.waiting_since, default=self).close_waiting()
+        owing = [c for c in self.connections if isinstance(c, GuardedH11Protocol)
+                 and c is not self and c.owed_since is not None]
+        if owing:
+            min(owing, key=lambda c: c.owed_since).close_stalled()
+        else:
+            self.stop_watching()
+            self.transport.write(BUSY)
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to every h11 parse error; a head over the limit (h11's buffer of

@@ -268,3 +268,30 @@ def test_dataset_listings_in_flight_leave_other_routes_answering(cluster: Cluste
     assert order.index("image") < listings // 4, order
     with cluster.client() as client:  # and every listing was whole
         assert len(client.get("/v1/datasets").json()["datasets"]) == 20
+
+
+def test_a_body_sent_too_slowly_is_cut_and_cannot_lock_other_clients_out(cluster: Cluster):
+    """Review of A47: a request whose head is whole but whose body trickles in (a byte every
+    few seconds, no key: FastAPI reads the body before any key is checked) held its connection
+    for good, and 5 of them locked every new client out with LABELER_MAX_CONNECTIONS=5. Now a
+    body not sent LABELER_BODY_TIMEOUT seconds after its head is cut, and a new client closes
+    the connection that has owed its input the longest."""
+    cluster.settings.update({"LABELER_MAX_CONNECTIONS": "5", "LABELER_BODY_TIMEOUT": "3",
+                             "LABELER_HEADER_TIMEOUT": "30"})
+    cluster.start_api()
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{")
+    slow = [connect(cluster) for _ in range(5)]
+    try:
+        for sock in slow:
+            sock.sendall(head)
+        with httpx.Client(base_url=cluster.url, timeout=10) as client:
+            assert client.get("/healthz").status_code == 200  # the oldest slow body made room
+        began = time.monotonic()
+        for sock in slow[1:]:
+            send_until_refused(sock, b" ")
+        assert all(closed_by_server(sock, within=20) for sock in slow)
+        assert time.monotonic() - began < 20
+    finally:
+        for sock in slow:
+            sock.close()
