@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from labeler_service.quality import record_agreement
+from labeler_service.quality import record_summaries
 from labeler_service.teacher import (
     DenseTeacher,
     TeacherError,
@@ -517,8 +517,7 @@ def label_dataset(store: Store, dataset_name: str, model: str, checkpoint: Path 
         # nothing).
         if (report.shards_written or report.agreement is None) and not report.stopped \
                 and labelset.is_complete():
-            labelset.record_completion()
-            report.agreement = record_agreement(dataset, labelset)
+            report.agreement = record_summaries(dataset, labelset)
     return report
 
 

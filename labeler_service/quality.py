@@ -66,6 +66,14 @@ def record_agreement(dataset: Dataset, labelset: LabelSet) -> dict[str, Any]:
     return agreement
 
 
+def record_summaries(dataset: Dataset, labelset: LabelSet) -> dict[str, Any]:
+    """What whoever completes a label set records (``labeler label``, the worker that writes
+    its last shard): the completion summary (read in O(1) by GET /v1/labelsets and
+    POST /v1/jobs), then the teacher agreement, which it returns."""
+    labelset.record_completion()
+    return record_agreement(dataset, labelset)
+
+
 def describe_agreement(agreement: dict[str, Any] | None) -> str:
     """One line for people: ``labeler label``, ``labeler datasets list``."""
     if agreement is None:

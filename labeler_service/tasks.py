@@ -52,7 +52,7 @@ from labeler_service.labeling import (
     labelset_config,
 )
 from labeler_service.paths import public_reason, resolve_inside
-from labeler_service.quality import record_agreement
+from labeler_service.quality import record_summaries
 from labeler_service.queue import (
     PLAN_TASK,
     QUEUES,
@@ -296,13 +296,6 @@ def complete_job(jobs, job_id: str, dataset, labelset) -> None:
     jobs.finish(job_id, "succeeded", agreement=record_summaries(dataset, labelset))
 
 
-def record_summaries(dataset, labelset) -> dict:
-    """Record a complete label set's completion summary (GET /v1/labelsets and POST /v1/jobs
-    read it in O(1)) and measure its teacher agreement; the agreement."""
-    labelset.record_completion()
-    return record_agreement(dataset, labelset)
-
-
 def over_delivered(client: redis.Redis, job_id: str, shard: int) -> bool:
     """Count this delivery of the shard's task; True once it has come more often than
     ``max_shard_deliveries`` (it crashed its worker or timed out every time)."""
@@ -342,16 +335,20 @@ def label_shard(self, job_id: str, shard: int) -> None:
         status = give_up_shard(labelset, shard)
     elif todo:
         request = job.request
-        (runner, spec, _), _ = request_teacher(request)
-        if spec.checkpoint_sha256 != labelset.teacher.checkpoint_sha256:
-            jobs.finish(job_id, "failed", "the checkpoint changed since the job was planned: "
-                                          "POST the job again to label with the new one")
-            return
         began = time.perf_counter()
         settings, input_size = get_settings(), request["teacher"]["input_size"]
         batch_size = settings.batch_size_for(input_size)
         decoder = None
         try:
+            # Inside the job's error handling: the checkpoint may have been deleted, or replaced
+            # by one that does not load, since planning (each shard task loads it again when
+            # its file changed).
+            (runner, spec, _), _ = request_teacher(request)
+            if spec.checkpoint_sha256 != labelset.teacher.checkpoint_sha256:
+                jobs.finish(job_id, "failed", "the checkpoint changed since the job was "
+                                              "planned: POST the job again to label with the new "
+                                              "one")
+                return
             if settings.compile_teacher:
                 # Once per process, for the shards this service makes (the runner outlives the
                 # label set: other shard sizes are padded to it, or labeled in pieces of it).

@@ -111,3 +111,28 @@ def test_a_job_cancelled_as_its_last_shard_is_written_still_summarises_the_label
     labelset = Store.open(tasks_here / "store").labelset(jobs.get(job.id).labelset)
     assert labelset.completion() == {"images": 12, "shards": 3, "counts": {"0": 12}}
     assert labelset.attrs["agreement"]["images"] == 12
+
+
+@pytest.mark.parametrize("change", ["deleted", "broken"])
+def test_a_checkpoint_gone_bad_after_planning_fails_the_job_not_the_worker(
+        tasks_here: Path, redis_db: redis.Redis, change: str):
+    """Review: a shard task loads the teacher again when its checkpoint's file changed, and did
+    so outside the job's error handling: a checkpoint deleted or replaced by one that does not
+    load after planning escaped as a worker traceback, leaving the job running until the stall
+    sweep. Now the job fails with the reason."""
+    from labeler_service import tasks
+    from labeler_service.api.schemas import JobCreate
+
+    jobs = tasks.services()[2]
+    job = jobs.create("toy", JobCreate(**JOB).model_dump(exclude={"dataset"}))
+    tasks.plan_job(job.id)
+    checkpoint = tasks_here / "checkpoints" / "teacher.safetensors"
+    if change == "deleted":
+        checkpoint.unlink()
+    else:
+        checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):  # noqa: B017 - as the worker sees it: the task failed
+        tasks.label_shard.apply(args=(job.id, 0), throw=True, retries=tasks.label_shard.max_retries)
+    failed = jobs.get(job.id)
+    assert failed.state == "failed" and failed.error.startswith("shard 0: "), failed
+    assert "\n" not in failed.error and str(tasks_here) not in failed.error
