@@ -26,13 +26,13 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from storage import ImageStatus, Store, StoreError
-from storage.images import ImageRejected, read_image_bytes
+from storage.images import ImageRejected, open_regular
 
 FORMAT = "tokenlabel-scenes"
 FORMAT_VERSION = 1
@@ -670,21 +670,23 @@ def load_mask(image_path: Path, shape: tuple[int, int] | None = None,
               num_classes: int | None = None, root: Path | None = None) -> np.ndarray:
     """The int8 [H, W] class mask of an image (-1: background).
 
-    The file is read as images are (``storage.images.read_image_bytes``: a regular file only,
-    opened without blocking, and with ``root`` nowhere outside it), and its ``.npy`` header is
-    checked before anything is unpacked: int8, two-dimensional and, with ``shape``, the
-    image's (height, width), so a member claiming gigabytes costs nothing. With
+    The file is opened as images are (``storage.images.open_regular``: a regular file only,
+    opened without blocking, and with ``root`` nowhere outside it), and read through the zip
+    archive's index: its ``.npy`` header is checked before anything else is read: int8,
+    two-dimensional and, with ``shape``, the image's (height, width), so a member claiming
+    gigabytes, stored or deflated, costs nothing. With
     ``num_classes``, every value must be -1 or below it. Raises FileNotFoundError when there is
     no mask, MaskRejected when there is one that cannot be used.
     """
     path = mask_path(image_path)
     try:
-        data = read_image_bytes(path, root=root)
+        archive = open_regular(path, root)
     except ImageRejected as e:
         if e.status == ImageStatus.MISSING_FILE:
             raise FileNotFoundError(f"{path}: no mask") from None
         raise MaskRejected("unreadable", e.reason) from None
-    mask = unpack_mask(data, path, shape)
+    with archive:
+        mask = unpack_mask(archive, path, shape)
     if num_classes is not None and mask.size:
         low, high = int(mask.min()), int(mask.max())
         if low < -1 or high >= num_classes:
@@ -693,11 +695,11 @@ def load_mask(image_path: Path, shape: tuple[int, int] | None = None,
     return mask
 
 
-def unpack_mask(data: bytes, path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The mask in a ``.mask.npz``'s bytes: its ``mask.npy`` member's header first, then
+def unpack_mask(data: BinaryIO, path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The mask in a ``.mask.npz`` (an open file): its ``mask.npy`` member's header first, then
     exactly the bytes that header promises (checked as :func:`load_mask` says)."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive, \
+        with zipfile.ZipFile(data) as archive, \
                 archive.open(MASK_KEY + ".npy") as member:
             version = np.lib.format.read_magic(member)
             if version not in ((1, 0), (2, 0)):

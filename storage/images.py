@@ -15,6 +15,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -39,20 +40,15 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
-                     root: Path | str | None = None, expected_size: int | None = None) -> bytes:
-    """The bytes of image file ``path``, or :class:`ImageRejected` saying why not.
+def open_regular(path: Path, root: Path | str | None = None) -> BinaryIO:
+    """``path`` opened for reading in binary, if it is a regular file, or
+    :class:`ImageRejected` saying why not.
 
-    Only a regular file is read, and opening never blocks: a FIFO, device or directory put where
-    an image was is refused, not waited on. With ``root``, a path that resolves outside it (a
-    symlink placed after registration) is refused: reads are confined when they happen, not
-    only when the folder was scanned. ``expected_sha256`` is the raw digest the manifest holds,
-    ``expected_size`` its byte size: a file of another size has changed and is refused before
-    it is read, and no more than that is ever read (a file growing while read included), so a
-    multi-GB file put where an image was costs nothing.
+    Opening never blocks: a FIFO, device or directory put where a file was is refused, not
+    waited on, and the check is made on the opened file, so nothing can be swapped in after
+    it. With ``root``, a path that resolves outside it (a symlink placed after registration) is
+    refused: reads are confined when they happen, not only when the folder was scanned.
     """
-    if isinstance(expected_sha256, str):  # a hex digest would never match: say so, loudly
-        raise TypeError("expected_sha256 is the raw 32-byte digest, not its hex")
     if root is not None:
         real, limit = os.path.realpath(path), os.path.realpath(root)
         if os.path.commonpath([real, limit]) != limit:
@@ -64,20 +60,37 @@ def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
     except OSError as e:
         raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ImageRejected(ImageStatus.NOT_A_FILE, f"{path}: not a regular file")
-        if info.st_size == 0:  # the most telling reason, registered size or not
-            raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
-        if expected_size is not None and info.st_size != expected_size:
-            raise ImageRejected(ImageStatus.CHANGED_FILE,
-                                f"{path}: {info.st_size} bytes, registered as {expected_size}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read() if expected_size is None else f.read(expected_size + 1)
-    except OSError as e:
-        raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_image_bytes(path: Path, expected_sha256: bytes | None = None,
+                     root: Path | str | None = None, expected_size: int | None = None) -> bytes:
+    """The bytes of image file ``path`` (opened by :func:`open_regular`, confined to ``root``),
+    or :class:`ImageRejected` saying why not.
+
+    ``expected_sha256`` is the raw digest the manifest holds, ``expected_size`` its byte size:
+    a file of another size has changed and is refused before it is read, and no more than that
+    is ever read (a file growing while read included), so a multi-GB file put where an image
+    was costs nothing.
+    """
+    if isinstance(expected_sha256, str):  # a hex digest would never match: say so, loudly
+        raise TypeError("expected_sha256 is the raw 32-byte digest, not its hex")
+    with open_regular(path, root) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:  # the most telling reason, registered size or not
+                raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
+            if expected_size is not None and size != expected_size:
+                raise ImageRejected(ImageStatus.CHANGED_FILE,
+                                    f"{path}: {size} bytes, registered as {expected_size}")
+            data = f.read() if expected_size is None else f.read(expected_size + 1)
+        except OSError as e:
+            raise ImageRejected(ImageStatus.UNREADABLE, f"{path}: {e.strerror}") from None
     if not data:
         raise ImageRejected(ImageStatus.EMPTY_FILE, f"{path}: zero bytes")
     if expected_size is not None and len(data) != expected_size:

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pickle
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from storage.images import ImageRejected, open_regular
 from trainer.models import create_model
 from trainer.models.lvvit import LVVIT_CONFIGS
 
@@ -122,19 +122,14 @@ def load_file(path: Path, map_location: str | torch.device = "cpu") -> object:
                                   f"({reason})") from None
 
 
-def open_regular_file(path: Path):
-    """``path`` opened for reading, if it is a regular file: opening never blocks (a FIFO is
-    refused, not waited on for a writer that never comes), and a directory or device is refused
-    too. The check is on the opened file, so nothing can be swapped in after it."""
+def open_regular_file(path: Path) -> BinaryIO:
+    """``path`` opened as images are (``storage.images.open_regular``: without blocking, a
+    regular file only, so a FIFO is refused rather than waited on for a writer that never
+    comes); :class:`CheckpointError` saying why not."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file (a directory, FIFO or device); a "
-                              "checkpoint is a file")
-    return os.fdopen(fd, "rb")
+        return open_regular(path)
+    except ImageRejected as e:
+        raise CheckpointError(e.reason) from None  # "<path>: not a regular file", ...
 
 
 def unwrap_state_dict(obj: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
