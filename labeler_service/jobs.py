@@ -161,8 +161,10 @@ class Resolutions:
             return None  # another dataset's (or this name's before it was registered again)
         if labelset.completion() is None or labelset.attrs.get("agreement") is None:
             return None
-        if request.get("retry_failed") and labelset.images_failed():
-            return None  # its failed images are to be labeled again
+        if request.get("retry_failed") and (labelset.status() > 0).any():
+            # Its failed images are to be labeled again: counted from the status records (one
+            # read a shard, for the retry alone), not the summary, which a retry must not trust.
+            return None
         return labelset
 
 

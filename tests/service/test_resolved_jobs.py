@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 
@@ -164,3 +165,22 @@ def test_a_job_on_a_damaged_manifest_fails_with_that_reason(served: Cluster):
         assert job["state"] == "failed", job
         assert "dataset 'torn'" in job["error"] and "manifest is damaged" in job["error"], job
         assert "changed" not in job["error"]
+
+
+def test_a_retry_counts_failures_from_the_records_not_a_forged_summary(served: Cluster):
+    """A21 (review): a well-formed but false completion summary ({"0": 12} over 11 labeled and
+    1 failed) made a retry_failed job succeed at once, leaving the failed image unretried. A
+    retry reads the status records."""
+    shutil.copytree(served.root / "data" / "toy", served.root / "data" / "broken")
+    victim = sorted((served.root / "data" / "broken").rglob("*.jpg"))[0]
+    served.register("forged", "broken")
+    victim.write_bytes(victim.read_bytes()[:100])  # unreadable and changed: fails when labeled
+    first = run(served, job_for("forged"))
+    assert first["state"] == "succeeded" and first["progress"]["images_failed"] == 1, first
+    labelset = Store.open(served.root / "store").labelset(first["labelset"])
+    group = zarr.open_group(store=labelset.group.store, path=labelset.group.path, mode="r+")
+    group.update_attributes({"completion": {"images": 12, "shards": 3, "counts": {"0": 12}}})
+
+    retry = post(served, job_for("forged", retry_failed=True))
+    assert retry["state"] != "succeeded", retry  # planned, not answered from the summary
+    assert served.wait_job(retry["id"])["progress"]["images_failed"] == 1
