@@ -271,20 +271,25 @@ def sample() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--replace", is_flag=True,
+              help="Make other scenes over earlier ones in DIRECTORY (deleting them); refused "
+                   "anyway where a dataset of the store was registered from them.")
 @store_option
 @user_errors
-def sample_scenes(directory: Path, images: int, seed: int, store_location: str) -> None:
+def sample_scenes(directory: Path, images: int, seed: int, replace: bool,
+                  store_location: str) -> None:
     """Synthetic scenes with per-pixel ground truth: an ImageFolder under DIRECTORY.
 
-    DIRECTORY must be new, empty, or hold scenes made by this command; scenes a dataset of the
-    store was registered from are never deleted or changed."""
+    DIRECTORY must be new, empty, or hold scenes made by this command; other scenes are made
+    over earlier ones only with --replace, and never over scenes a dataset of the store was
+    registered from."""
     from labeler_service.scenes import SCENE_CLASSES, make_scenes
 
     try:
         store = Store.open(store_location, mode="r")
     except StoreError:
         store = None  # no store there: no dataset registered in it
-    make_scenes(directory, images=images, seed=seed, store=store)
+    make_scenes(directory, images=images, seed=seed, store=store, replace=replace)
     click.echo(f"{images} scenes of {len(SCENE_CLASSES)} classes in {directory} (masks beside "
                f"the images: docs/scenes-format.md)")
 

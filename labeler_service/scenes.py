@@ -759,10 +759,12 @@ def mask_bytes(mask: np.ndarray, level: int = 1) -> bytes:
     return local + data + central + end
 
 
-def check_scenes_folder(root: Path, wanted: dict[str, Any], store: Store | None) -> None:
+def check_scenes_folder(root: Path, wanted: dict[str, Any], store: Store | None,
+                        replace: bool = False) -> None:
     """Refuse (ScenesFolderRefused) to make the scenes ``wanted`` (seed, num_images, classes)
     in ``root`` where that would write over files this module did not make, or delete or
-    change images of a dataset registered in ``store``."""
+    change earlier scenes: always where a dataset registered in ``store`` holds them, and
+    unless ``replace`` otherwise (a store this command was not shown may hold one)."""
     if not root.is_dir() or not any(root.iterdir()):
         return  # new or empty: nothing to lose
     made = scenes_header(root)
@@ -770,15 +772,21 @@ def check_scenes_folder(root: Path, wanted: dict[str, Any], store: Store | None)
         raise ScenesFolderRefused(
             f"{root} is not empty and holds no scenes made by `labeler sample scenes` (no "
             f"{FORMAT} scenes.json): nothing there is written over; choose a new or empty folder")
-    same = all(made.get(k) == v for k, v in wanted.items())
-    users = datasets_registered_from(store, root) if store is not None and not same else []
+    if all(made.get(k) == v for k, v in wanted.items()):
+        return  # the very same scenes: rewritten byte for byte
+    change = (f"{root} holds {made.get('num_images')} scenes (seed {made.get('seed')}, "
+              f"{len(made.get('classes') or [])} classes): making {wanted['num_images']} scenes "
+              f"with seed {wanted['seed']} and {len(wanted['classes'])} classes there would "
+              "delete or change them")
+    users = datasets_registered_from(store, root) if store is not None else []
     if users:
-        raise ScenesFolderRefused(
-            f"{root} holds the images of dataset {users[0]!r}, registered in store "
-            f"{store.location} ({made.get('num_images')} scenes, seed {made.get('seed')}, "
-            f"{len(made.get('classes') or [])} classes): making {wanted['num_images']} scenes "
-            f"with seed {wanted['seed']} and {len(wanted['classes'])} classes there would "
-            "delete or change them; choose another folder")
+        raise ScenesFolderRefused(f"{change}, and dataset {users[0]!r} of store "
+                                  f"{store.location} was registered from them; choose another "
+                                  "folder")
+    if not replace:
+        raise ScenesFolderRefused(f"{change}, and a dataset registered from them (in a store "
+                                  "not given here) would no longer match its images; choose "
+                                  "another folder, or pass --replace to remake them")
 
 
 def scenes_header(root: Path) -> dict[str, Any] | None:
@@ -826,19 +834,20 @@ class ScenesFolderRefused(ValueError):
 
 
 def make_scenes(root: Path, images: int = 1000, seed: int = 0,
-                num_classes: int = len(SCENE_CLASSES), store: Store | None = None) -> Path:
+                num_classes: int = len(SCENE_CLASSES), store: Store | None = None,
+                replace: bool = False) -> Path:
     """Write ``images`` scenes as an ImageFolder ``root/<class>/<index:05d>.jpg`` with masks
     beside them and ``root/scenes.json``; return ``root``.
 
     Image ``i`` has class ``i % num_classes`` and is ``render_scene(i, seed, num_classes)``.
     ``root`` must be new, empty, or hold scenes this function made (its ``scenes.json``): it
     never writes into a folder of other files. Writing over an earlier run gives identical
-    bytes for identical arguments; files of this naming pattern (``<digits>.jpg``,
-    ``<digits>.mask.npz``) left in the class directories by a larger earlier run are removed
-    (and class directories left empty), so the folder holds exactly this dataset. But where a
-    dataset of ``store`` was registered from the folder (or a folder around or inside it),
-    only the very same scenes may be made again: any other run would delete or change its
-    images (ScenesFolderRefused, saying which dataset).
+    bytes for identical arguments. Other scenes are made over earlier ones only with
+    ``replace``, and never where a dataset of ``store`` was registered from the folder (or a
+    folder around or inside it): they would delete or change its images (ScenesFolderRefused,
+    saying why). Replacing removes the files of this naming pattern (``<digits>.jpg``,
+    ``<digits>.mask.npz``) a larger earlier run left in the class directories (and class
+    directories left empty), so the folder holds exactly this dataset.
     """
     if images < 0:
         raise ValueError("images must be >= 0")
@@ -847,7 +856,7 @@ def make_scenes(root: Path, images: int = 1000, seed: int = 0,
     root = Path(root)
     classes = SCENE_CLASSES[:num_classes]
     check_scenes_folder(root, {"seed": seed, "num_images": images, "classes": list(classes)},
-                        store)
+                        store, replace)
     used = classes[:images]  # fewer images than classes: the first classes only
     root.mkdir(parents=True, exist_ok=True)
     for name in used:

@@ -289,15 +289,20 @@ def test_sample_scenes_never_deletes_a_registered_dataset(run, tmp_path: Path):
     for other in (["--images", "5"], ["--images", "30", "--seed", "1"]):
         out = run("sample", "scenes", "d", *other, code=1)
         assert len(out.strip().splitlines()) == 1, out
-        assert "holds the images of dataset 's', registered in store store" in out
-        assert "would delete or change them" in out
+        assert "would delete or change them, and dataset 's' of store store was registered" \
+            in out
     assert scene_files(tmp_path / "d") == before
     run("sample", "scenes", "d", "--images", "30")  # the very same scenes: nothing changes
     assert scene_files(tmp_path / "d") == before
     assert "already registered (unchanged)" in run("datasets", "add", "s", "d")
-    # Not registered in this store: the folder is the command's own, remade as asked.
-    run("sample", "scenes", "d", "--images", "5", "--store", "other-store")
+    # Registered in a store the command is not shown (review): refused unless --replace.
+    out = run("sample", "scenes", "d", "--images", "5", "--store", "other-store", code=1)
+    assert "pass --replace to remake them" in out
+    assert scene_files(tmp_path / "d") == before
+    run("sample", "scenes", "d", "--images", "5", "--store", "other-store", "--replace")
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 5
+    out = run("sample", "scenes", "d", "--images", "30", "--replace", code=1)  # this store's
+    assert "dataset 's' of store store was registered" in out
 
 
 def test_sample_scenes_writes_nothing_into_a_folder_of_other_files(run, tmp_path: Path):
@@ -319,7 +324,7 @@ def test_demo_with_fewer_images_keeps_the_registered_scenes(run, tmp_path: Path)
     Store.open(tmp_path / "store").add_dataset(DATASET, tmp_path / "demo" / "scenes")
     before = scene_files(tmp_path / "demo")
     out = run("demo", "--images", "50", "--no-progress", code=1)
-    assert "holds the images of dataset 'scenes'" in out.strip().splitlines()[-1]
+    assert "dataset 'scenes' of store store was registered" in out.strip().splitlines()[-1]
     assert scene_files(tmp_path / "demo") == before
 
 

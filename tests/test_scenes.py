@@ -13,6 +13,7 @@ from PIL import Image
 from labeler_service import scenes
 from labeler_service.scenes import (
     SCENE_CLASSES,
+    ScenesFolderRefused,
     load_mask,
     make_scenes,
     mask_bytes,
@@ -248,7 +249,9 @@ def test_make_scenes_is_deterministic(tmp_path: Path) -> None:
 def test_make_scenes_over_a_larger_run_leaves_exactly_the_new_dataset(tmp_path: Path) -> None:
     root = make_scenes(tmp_path / "s", images=25, seed=0)
     (root / SCENE_CLASSES[0] / "notes.txt").write_text("kept")
-    make_scenes(root, images=12, seed=0)
+    with pytest.raises(ScenesFolderRefused, match="pass --replace"):
+        make_scenes(root, images=12, seed=0)  # it could be a dataset's, in some other store
+    make_scenes(root, images=12, seed=0, replace=True)
     assert len(scan_image_folder(root)) == 12
     assert len(list(root.rglob("*.mask.npz"))) == 12
     assert (root / SCENE_CLASSES[0] / "notes.txt").exists()
@@ -258,7 +261,7 @@ def test_make_scenes_over_a_larger_run_leaves_exactly_the_new_dataset(tmp_path: 
 
 def test_fewer_images_than_classes_give_the_first_classes(tmp_path: Path) -> None:
     root = make_scenes(tmp_path / "s", images=25, seed=0)
-    make_scenes(root, images=4, seed=0)
+    make_scenes(root, images=4, seed=0, replace=True)
     manifest = scan_image_folder(root)
     assert manifest.class_names == SCENE_CLASSES[:4] and manifest.label.tolist() == [0, 1, 2, 3]
     assert sorted(p.name for p in root.iterdir()) == [*SCENE_CLASSES[:4], "scenes.json"]
