@@ -61,6 +61,8 @@ def datasets_add(name: str, directory: Path, store_location: str) -> None:
     classes = f", {len(dataset.class_names)} classes" if dataset.class_names else ""
     click.echo(f"{name}: {verb}: {dataset.num_images} images{classes}, "
                f"fingerprint {dataset.fingerprint[:16]}")
+    if dataset.skipped_names is not None:
+        click.echo(f"{name}: {dataset.skipped_names.describe()}")
 
 
 @datasets.command("list")

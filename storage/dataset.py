@@ -13,7 +13,7 @@ from zarr.codecs import ZstdCodec
 
 from storage.errors import DatasetUnfinished, ManifestDamaged, StoreError
 from storage.labelset import LabelSet, LabelSetConfig
-from storage.manifest import Manifest, PathColumn, manifest_fingerprint
+from storage.manifest import Manifest, PathColumn, SkippedNames, manifest_fingerprint
 from storage.splits import split_bucket
 
 MANIFEST_CHUNK = 65536  # rows per manifest chunk: paths compress well and are read whole
@@ -79,6 +79,15 @@ class Dataset:
                                       "examples": manifest.skipped.examples}
         group.update_attributes(attrs)  # one write: MutableMapping.update would write per key
         return cls(group, code_version)
+
+    @property
+    def skipped_names(self) -> SkippedNames | None:
+        """What the registration left out for its names (``storage.manifest.is_listable_name``),
+        if anything."""
+        recorded = self.attrs.get("skipped_names")
+        if not isinstance(recorded, dict):
+            return None
+        return SkippedNames(int(recorded.get("count", 0)), list(recorded.get("examples", [])))
 
     @property
     def _columns(self) -> zarr.Group:

@@ -49,6 +49,11 @@ class DatasetCreate(Request):
         return check_name(name)  # the store's own rule: one home
 
 
+class SkippedNamesOut(BaseModel):
+    count: int
+    examples: list[str] = Field(description="The first few, escaped as Python does.")
+
+
 class DatasetOut(BaseModel):
     """A dataset, or its registration while the folder is being scanned (or after it failed).
     The fields the scan gives (``num_images``, ``class_names``, ``fingerprint``, ``created_at``)
@@ -66,6 +71,9 @@ class DatasetOut(BaseModel):
     files_scanned: int = Field(description="Image files hashed so far.")
     files_total: int | None = Field(
         description="Image files in the folder; null while the folder is still being listed.")
+    skipped_names: SkippedNamesOut | None = Field(
+        None, description="Files and folders the registration left out because their names are "
+                          "not UTF-8 text or hold control characters; null when none were.")
     error: str | None = Field(description="Why the registration failed.")
 
 

@@ -447,3 +447,24 @@ def test_a_malformed_recorded_summary_is_served_as_null_not_a_500(labeled, clean
         assert response.status_code == 200, response.text
         assert response.json()["agreement"] is None
         assert response.json()["label_quality"] is None
+
+
+def test_names_a_registration_left_out_are_shown(tmp_path: Path, clean_redis):
+    """A29 (review): files left out for their names (not UTF-8, control characters) were only
+    counted in the store; `labeler datasets add` says so, and GET /v1/datasets/{name} shows
+    them."""
+    from click.testing import CliRunner
+
+    from labeler_service.cli import main
+
+    folder = make_sample_images(tmp_path / "data" / "odd", per_class=2)
+    first = sorted(folder.rglob("*.jpg"))[0]
+    os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.jpg")
+    out = CliRunner().invoke(main, ["datasets", "add", "odd", str(folder), "--store",
+                                    str(tmp_path / "store")], catch_exceptions=False).output
+    assert "odd: skipped 1 file(s) or folder(s) whose names are not UTF-8" in out
+    assert "caf\\udce9.jpg" in out
+    with api(tmp_path) as client:
+        shown = client.get("/v1/datasets/odd").json()
+    assert shown["num_images"] == 5 and shown["skipped_names"]["count"] == 1, shown
+    assert shown["skipped_names"]["examples"][0].endswith("caf\\udce9.jpg")

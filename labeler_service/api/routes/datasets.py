@@ -18,7 +18,13 @@ import anyio
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from labeler_service.api.deps import RegistrationsDep, SettingsDep, StoreDep
-from labeler_service.api.schemas import DatasetCreate, DatasetList, DatasetOut, Problem
+from labeler_service.api.schemas import (
+    DatasetCreate,
+    DatasetList,
+    DatasetOut,
+    Problem,
+    SkippedNamesOut,
+)
 from labeler_service.paths import PathOutsideRoot, is_kind, resolve_inside
 from labeler_service.queue import enqueue_registration
 from labeler_service.registrations import Registration, RegistrationStore, lookup, ready_dataset
@@ -29,11 +35,13 @@ RETRY_AFTER_SECONDS = "5"  # a scan takes seconds to many minutes
 
 
 def dataset_out(dataset: Dataset) -> DatasetOut:
+    skipped = dataset.skipped_names
     return DatasetOut(name=dataset.name, state="ready", num_images=dataset.num_images,
                       class_names=list(dataset.class_names), fingerprint=dataset.fingerprint,
                       created_at=dataset.attrs["created_at"], labelsets=dataset.labelset_ids(),
                       files_scanned=dataset.num_images, files_total=dataset.num_images,
-                      error=None)
+                      error=None, skipped_names=None if skipped is None else SkippedNamesOut(
+                          count=skipped.count, examples=skipped.examples))
 
 
 def registration_out(registration: Registration, response: Response | None = None) -> DatasetOut:
