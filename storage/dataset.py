@@ -145,13 +145,14 @@ class Dataset:
         """The registered byte sizes of rows [start, stop), int64; None for a dataset
         registered before sizes were recorded (readers then cap nothing by size)."""
         start, stop = self._rows(start, stop)
-        columns = self._columns
-        if "size" not in columns.array_keys():
+        try:  # one metadata read: listing the group's arrays would read every column's
+            column = self._columns["size"]
+        except KeyError:
             return None
-        values = np.asarray(columns["size"][start:stop], dtype=np.int64)
+        values = np.asarray(column[start:stop], dtype=np.int64)
         if values.shape != (stop - start,):
-            raise ManifestDamaged(self.name, f"the size column has shape "
-                                             f"{columns['size'].shape}, not ({self.num_images},)")
+            raise ManifestDamaged(self.name, f"the size column has shape {column.shape}, not "
+                                             f"({self.num_images},)")
         return values
 
     def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
