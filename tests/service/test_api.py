@@ -453,7 +453,8 @@ def test_register_is_202_then_registering_then_ready(client: TestClient, root: P
     pending = r.json()
     assert pending == {"name": "toy", "state": "registering", "num_images": None,
                        "class_names": None, "fingerprint": None, "created_at": None,
-                       "labelsets": [], "files_scanned": 0, "files_total": None, "error": None}
+                       "labelsets": [], "files_scanned": 0, "files_total": None, "error": None,
+                       "skipped_names": None}
     assert clean_redis.llen(REGISTRATION_QUEUE) == 1  # queued for a worker, not scanned here
     assert clean_redis.llen("labeling") == 0  # not in front of (or behind) shard tasks
 
